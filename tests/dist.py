@@ -73,5 +73,10 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 180.0) -> list:
                 errors.append(f"--- rank {r} ---\n" + open(path).read())
         if failed or errors or any(p.exitcode != 0 for p in procs):
             codes = [p.exitcode for p in procs]
-            raise RuntimeError(f"{failed or 'ranks failed'} (exit codes {codes})\n" + "\n".join(errors))
-        return [torch.load(os.path.join(tmp, f"result{r}.pt"), weights_only=False) for r in range(world_size)]
+            raise RuntimeError(
+                f"{failed or 'ranks failed'} (exit codes {codes})\n" + "\n".join(errors)
+            )
+        return [
+            torch.load(os.path.join(tmp, f"result{r}.pt"), weights_only=False)
+            for r in range(world_size)
+        ]

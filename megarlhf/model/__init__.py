@@ -1,0 +1,1 @@
+"""GPT models (GPT-2 and LLaMA families), KV cache and decoding."""

@@ -1,0 +1,161 @@
+"""Incremental decoding with a KV cache under tensor parallelism.
+
+Prefill runs the left-padded prompts once; then one token per step. Every TP rank all-gathers the
+last position's vocab shards, and all ranks sample from the same seeded generator, so they pick the
+same token without a broadcast (and TP=N picks what TP=1 picks).
+
+Log-prob semantics: the returned log-probs are those of the *temperature-scaled* distribution,
+log softmax(logits / T), before top-k/top-p truncation; greedy decoding (T = 0) reports
+log softmax(logits). PPO recomputes exactly this quantity in training, so the two agree. Tokens after
+a row's EOS are padding, masked out (mask False, log-prob 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megarlhf.config import GenerationConfig
+from megarlhf.model.kv_cache import KVCache
+from megarlhf.parallel.mappings import gather_from_tensor_parallel_region
+
+
+@dataclass
+class GenerationOutput:
+    """Result of `generate`.
+
+    Attributes:
+        sequences: [b, p + n] prompt (left-padded, as given) followed by the response.
+        attention_mask: [b, p + n] 1 for prompt and response tokens, 0 for padding.
+        responses: [b, n] generated tokens, `pad_id` after EOS.
+        response_mask: [b, n] True for generated tokens up to and including EOS.
+        logprobs: [b, n] fp32 log-probs of the generated tokens (0 where masked).
+    """
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    responses: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask [b, v] logits outside top-k and outside the top-p nucleus to -inf (new tensor)."""
+    out = logits
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(out, top_k, dim=-1).values[..., -1:]
+        out = out.masked_fill(out < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(out, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the mass strictly before it already reaches top_p (keeps >= 1 token).
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        out = out.masked_fill(drop, float("-inf"))
+    return out
+
+
+def sample_tokens(
+    logits: torch.Tensor, gen: GenerationConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row of full-vocabulary logits [b, v].
+
+    Sampling uses inverse-CDF with one uniform draw per row from `generator` (drawn even when
+    greedy, so the stream is the same for every setting), which makes the choice deterministic
+    given the logits.
+
+    Returns:
+        (tokens [b] long, logprobs [b] fp32 under the temperature-scaled distribution).
+    """
+    logits = logits.float()
+    u = torch.rand(logits.shape[0], generator=generator).to(logits.device)
+    if gen.temperature == 0.0:
+        tokens = logits.argmax(-1)
+        logp = torch.log_softmax(logits, -1)
+    else:
+        scaled = logits / gen.temperature
+        logp = torch.log_softmax(scaled, -1)
+        probs = filter_logits(scaled, gen.top_k, gen.top_p).softmax(-1)
+        cdf = probs.cumsum(-1)
+        target = (u * cdf[:, -1]).unsqueeze(-1)
+        tokens = torch.searchsorted(cdf, target).squeeze(-1).clamp_max(logits.shape[-1] - 1)
+        # Never land on a zero-probability token through cumsum rounding.
+        bad = probs.gather(-1, tokens[:, None]).squeeze(-1) == 0
+        if bad.any():
+            tokens = torch.where(bad, probs.argmax(-1), tokens)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    gen: GenerationConfig,
+    eos_id: int | None,
+    pad_id: int,
+    generator: torch.Generator | None = None,
+) -> GenerationOutput:
+    """Sample responses for a batch of left-padded prompts.
+
+    Args:
+        model: a GPTModel holding all layers (pipeline size 1).
+        prompt_ids: [b, p] token ids, left-padded.
+        prompt_mask: [b, p] 1 for real tokens.
+        gen: sampling settings (max_new_tokens, temperature, top_k, top_p, seed).
+        eos_id: a row stops after emitting it (None: never stops early).
+        pad_id: filler after EOS.
+        generator: CPU generator for the uniform draws; default seeded from gen.seed. It must
+            be seeded identically on every rank of a TP group.
+    """
+    if not (model.pre_process and model.post_process):
+        raise ValueError("generate() needs a model holding every layer (pipeline size 1)")
+    if generator is None:
+        generator = torch.Generator().manual_seed(gen.seed)
+    cfg, ps = model.cfg, model.ps
+    b, p = prompt_ids.shape
+    n = gen.max_new_tokens
+    if p + n > cfg.max_seq_len:
+        raise ValueError(
+            f"prompt length {p} + max_new_tokens {n} exceeds model.max_seq_len {cfg.max_seq_len}"
+        )
+    device = prompt_ids.device
+    cache = KVCache(
+        model.num_local_layers,
+        b,
+        model.layers[str(model.layer_start)].attention.local_kv_heads,
+        p + n,
+        cfg.head_dim,
+        cfg.torch_dtype,
+        device,
+    )
+    was_training = model.training
+    model.eval()
+    responses = torch.full((b, n), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(b, n, dtype=torch.float32, device=device)
+    alive = torch.ones(b, dtype=torch.bool, device=device)
+    response_mask = torch.zeros(b, n, dtype=torch.bool, device=device)
+    next_pos = prompt_mask.long().sum(-1)  # position of the first response token per row
+    logits = model(prompt_ids, attention_mask=prompt_mask, kv_cache=cache)[:, -1]
+    for t in range(n):
+        full = gather_from_tensor_parallel_region(logits, ps.tp_group)[:, : cfg.vocab_size]
+        tok, lp = sample_tokens(full, gen, generator)
+        responses[:, t] = torch.where(alive, tok, torch.full_like(tok, pad_id))
+        logprobs[:, t] = torch.where(alive, lp, torch.zeros_like(lp))
+        response_mask[:, t] = alive
+        if eos_id is not None:
+            alive = alive & (tok != eos_id)
+        if not alive.any() or t == n - 1:
+            break
+        logits = model(
+            responses[:, t : t + 1],
+            attention_mask=torch.ones(b, 1, dtype=prompt_mask.dtype, device=device),
+            position_ids=(next_pos + t)[:, None],
+            kv_cache=cache,
+        )[:, -1]
+    model.train(was_training)
+    del cache
+    sequences = torch.cat([prompt_ids, responses], dim=1)
+    mask = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)
+    return GenerationOutput(sequences, mask, responses, response_mask, logprobs)

@@ -1,0 +1,169 @@
+"""Transformer block of the GPT-2 and LLaMA families, tensor-parallel over attention heads and the
+MLP's inner width (Megatron's column-then-row pattern: one all-reduce per sub-block forward)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megarlhf.config import ModelConfig
+from megarlhf.model.rotary import apply_rotary
+from megarlhf.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megarlhf.parallel.sharding import ShardSpec
+
+
+def _importable(name: str) -> bool:
+    """True if `name` (possibly dotted) can be found; the PyPI package named `apex` is not
+    NVIDIA apex, so callers probe the submodule they need."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# Optional accelerators, used only on CUDA tensors; CPU always takes the torch path.
+HAVE_FLASH_ATTN = _importable("flash_attn")
+HAVE_APEX_NORM = _importable("apex") and _importable("apex.normalization.fused_layer_norm")
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias (torch's kernel; apex's fused one on CUDA when importable)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if HAVE_APEX_NORM and x.is_cuda:
+            from apex.normalization.fused_layer_norm import fused_layer_norm_affine
+
+            return fused_layer_norm_affine(x, self.weight, self.bias, self.weight.shape, self.eps)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back before the weight, exactly as HF LLaMA does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if HAVE_APEX_NORM and x.is_cuda:
+            from apex.normalization.fused_layer_norm import fused_rms_norm_affine
+
+            return fused_rms_norm_affine(x, self.weight, self.weight.shape, self.eps)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    cls = LayerNorm if cfg.family == "gpt2" else RMSNorm
+    return cls(cfg.hidden_size, cfg.norm_eps)
+
+
+class ParallelAttention(nn.Module):
+    """Self-attention over this rank's heads: fused QKV (column-parallel), RoPE (llama), SDPA or
+    flash-attn, output projection (row-parallel)."""
+
+    def __init__(self, cfg: ModelConfig, qkv_spec: ShardSpec, tp_rank: int, group):
+        super().__init__()
+        self.cfg = cfg
+        hd = cfg.head_dim
+        q, k, _ = (part[tp_rank] for part in qkv_spec.parts)
+        self.local_heads, self.local_kv_heads = q // hd, k // hd
+        bias = cfg.family == "gpt2"
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, q + 2 * k, group, bias=bias)
+        self.proj = RowParallelLinear(q, cfg.hidden_size, group, bias=bias)
+
+    def forward(self, x, rope, mask, kv_cache, layer_idx, rng):
+        b, s, _ = x.shape
+        hd, nq, nkv = self.cfg.head_dim, self.local_heads, self.local_kv_heads
+        q, k, v = self.qkv(x).split([nq * hd, nkv * hd, nkv * hd], dim=-1)
+        q = q.view(b, s, nq, hd).transpose(1, 2)
+        k = k.view(b, s, nkv, hd).transpose(1, 2)
+        v = v.view(b, s, nkv, hd).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_idx, k, v)
+        p = self.cfg.attention_dropout if self.training else 0.0
+        # Attention probabilities are sharded by head: dropout must differ per TP rank.
+        with rng.fork() if p > 0 else contextlib.nullcontext():
+            out = _attention(q, k, v, mask, p, self.cfg.use_flash_attn)
+        return self.proj(out.transpose(1, 2).reshape(b, s, nq * hd))
+
+
+def _attention(q, k, v, mask, dropout_p, allow_flash):
+    """Scaled dot-product attention; q [b, hq, s, d], k/v [b, hkv, t, d] (GQA when hkv < hq)."""
+    if (
+        allow_flash
+        and HAVE_FLASH_ATTN
+        and q.is_cuda
+        and mask is None
+        and q.dtype in (torch.float16, torch.bfloat16)
+    ):
+        from flash_attn import flash_attn_func
+
+        out = flash_attn_func(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, causal=True
+        )
+        return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        dropout_p=dropout_p,
+        is_causal=mask is None and q.shape[2] > 1,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+
+
+class ParallelMLP(nn.Module):
+    """GPT-2: fc2(gelu_tanh(fc1 x)); LLaMA: fc2(silu(gate) * up) with fc1 = [gate | up] fused."""
+
+    def __init__(self, cfg: ModelConfig, fc1_spec: ShardSpec, tp_rank: int, group):
+        super().__init__()
+        self.gated = cfg.family == "llama"
+        local_fc1 = fc1_spec.local_size(tp_rank)
+        local_ffn = local_fc1 // 2 if self.gated else local_fc1
+        bias = cfg.family == "gpt2"
+        self.fc1 = ColumnParallelLinear(cfg.hidden_size, local_fc1, group, bias=bias)
+        self.fc2 = RowParallelLinear(local_ffn, cfg.hidden_size, group, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.fc2(h)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm block: x + drop(attn(norm(x))), then + drop(mlp(norm(.)))."""
+
+    def __init__(self, cfg: ModelConfig, qkv_spec: ShardSpec, fc1_spec, tp_rank: int, group):
+        super().__init__()
+        self.input_norm = make_norm(cfg)
+        self.attention = ParallelAttention(cfg, qkv_spec, tp_rank, group)
+        self.post_attention_norm = make_norm(cfg)
+        self.mlp = ParallelMLP(cfg, fc1_spec, tp_rank, group)
+        # Residual activations are replicated across TP: default stream, same mask everywhere.
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x, rope, mask, kv_cache, layer_idx, rng):
+        x = x + self.dropout(
+            self.attention(self.input_norm(x), rope, mask, kv_cache, layer_idx, rng)
+        )
+        return x + self.dropout(self.mlp(self.post_attention_norm(x)))

@@ -1,0 +1,127 @@
+"""KV-cache decoding: cached logits equal a full forward at every position; TP=2 generation equals
+TP=1 token for token; left-padded rows equal the same prompts run alone; EOS masking."""
+
+import pytest
+import torch
+
+from megarlhf.config import GenerationConfig
+from megarlhf.model.generation import filter_logits, generate
+from megarlhf.model.gpt import GPTModel
+from megarlhf.model.kv_cache import KVCache
+from megarlhf.parallel.state import build_parallel_state
+from tests.dist import run_ranks
+from tests.model.common import reference_model, rel_err, tiny_config
+
+
+def _left_pad(seqs, pad_id=0):
+    p = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), p), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), p, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, p - len(s) :] = torch.tensor(s)
+        mask[i, p - len(s) :] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_kv_cache_logits_equal_full_forward(family):
+    cfg = tiny_config(family)
+    model = reference_model(cfg).eval()
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (9, 5, 12)]
+    ids, mask = _left_pad(seqs)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)
+        cache = KVCache(
+            cfg.num_layers, 3, cfg.num_kv_heads, ids.shape[1], cfg.head_dim, torch.float32
+        )
+        # prefill 4 positions, then one position at a time
+        steps = [model(ids[:, :4], attention_mask=mask[:, :4], kv_cache=cache)]
+        for t in range(4, ids.shape[1]):
+            steps.append(
+                model(ids[:, t : t + 1], attention_mask=mask[:, t : t + 1], kv_cache=cache)
+            )
+    cached = torch.cat(steps, dim=1)
+    valid = mask.bool()
+    assert rel_err(cached[valid][:, : cfg.vocab_size], full[valid][:, : cfg.vocab_size]) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_left_padded_rows_equal_rows_alone(family):
+    cfg = tiny_config(family)
+    model = reference_model(cfg)
+    seqs = [[5, 17, 33, 2, 9, 100, 7], [44, 3], [8, 8, 8, 900]]
+    ids, mask = _left_pad(seqs)
+    gen = GenerationConfig(max_new_tokens=12, temperature=0.0)
+    batch = generate(model, ids, mask, gen, eos_id=None, pad_id=0)
+    for i, s in enumerate(seqs):
+        alone_ids, alone_mask = _left_pad([s])
+        alone = generate(model, alone_ids, alone_mask, gen, eos_id=None, pad_id=0)
+        assert batch.responses[i].tolist() == alone.responses[0].tolist()
+        assert torch.allclose(batch.logprobs[i], alone.logprobs[0], rtol=0, atol=1e-5)
+
+
+def test_generated_logprobs_equal_recomputation():
+    cfg = tiny_config("llama")
+    model = reference_model(cfg)
+    ids, mask = _left_pad([[1, 2, 3, 4], [9, 10]])
+    gen = GenerationConfig(max_new_tokens=10, temperature=0.7, top_k=50, top_p=0.9, seed=3)
+    out = generate(model, ids, mask, gen, eos_id=None, pad_id=0)
+    with torch.no_grad():
+        logits = model(out.sequences, attention_mask=out.attention_mask)[..., : cfg.vocab_size]
+    p = ids.shape[1]
+    logp = torch.log_softmax(logits[:, p - 1 : -1].float() / 0.7, -1)
+    ref = logp.gather(-1, out.responses[..., None]).squeeze(-1)
+    assert (out.logprobs - ref).abs().max() <= 1e-5
+
+
+def test_eos_stops_row_and_masks_rest():
+    cfg = tiny_config("gpt2")
+    model = reference_model(cfg)
+    ids, mask = _left_pad([[1, 2, 3], [4, 5, 6]])
+    gen = GenerationConfig(max_new_tokens=8, temperature=0.0)
+    free = generate(model, ids, mask, gen, eos_id=None, pad_id=0)
+    eos = free.responses[0, 2].item()  # make row 0's third token the EOS
+    out = generate(model, ids, mask, gen, eos_id=eos, pad_id=0)
+    row = out.responses[0].tolist()
+    stop = row.index(eos)
+    assert stop <= 2
+    assert out.response_mask[0].tolist() == [True] * (stop + 1) + [False] * (7 - stop)
+    assert row[stop + 1 :] == [0] * (7 - stop)
+    assert (out.logprobs[0, stop + 1 :] == 0).all()
+
+
+def test_filter_logits_top_k_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]]))
+    assert torch.isinf(filter_logits(logits, 2, 1.0)).tolist() == [[False, False, True, True]]
+    # nucleus 0.7: 0.5 < 0.7 so the second token is needed, the third is not
+    assert torch.isinf(filter_logits(logits, 0, 0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, 0, 0.5)).tolist() == [[False, True, True, True]]
+
+
+def _generate_tp(rank, world, family, gen_kw):
+    cfg = tiny_config(family)
+    ps = build_parallel_state(tp=world)
+    model = GPTModel(cfg, ps, seed=7)
+    ids, mask = _left_pad([[5, 17, 33, 2, 9], [44, 3], [8, 8, 8, 900, 1, 2]])
+    out = generate(model, ids, mask, GenerationConfig(**gen_kw), eos_id=None, pad_id=0)
+    return out.responses, out.logprobs
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize(
+    "gen_kw",
+    [
+        dict(max_new_tokens=16, temperature=0.0),
+        dict(max_new_tokens=16, temperature=0.9, top_k=40, top_p=0.95, seed=11),
+    ],
+    ids=["greedy", "sampled"],
+)
+def test_tp2_generation_equals_tp1(family, gen_kw):
+    cfg = tiny_config(family)
+    ref = reference_model(cfg)
+    ids, mask = _left_pad([[5, 17, 33, 2, 9], [44, 3], [8, 8, 8, 900, 1, 2]])
+    expect = generate(ref, ids, mask, GenerationConfig(**gen_kw), eos_id=None, pad_id=0)
+    for responses, logprobs in run_ranks(_generate_tp, 2, family, gen_kw, timeout=180):
+        assert responses.tolist() == expect.responses.tolist()
+        assert (logprobs - expect.logprobs).abs().max() <= 1e-5
