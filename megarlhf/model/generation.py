@@ -6,8 +6,8 @@ same token without a broadcast (and TP=N picks what TP=1 picks).
 
 Log-prob semantics: the returned log-probs are those of the *temperature-scaled* distribution,
 log softmax(logits / T), before top-k/top-p truncation; greedy decoding (T = 0) reports
-log softmax(logits). PPO recomputes exactly this quantity in training, so the two agree. Tokens after
-a row's EOS are padding, masked out (mask False, log-prob 0).
+log softmax(logits). PPO recomputes exactly this quantity in training, so the two agree.
+Tokens after a row's EOS are padding, masked out (mask False, log-prob 0).
 """
 
 from __future__ import annotations

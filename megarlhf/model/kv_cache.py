@@ -25,14 +25,14 @@ class KVCache:
         self.length = 0  # slots filled by completed forward calls
 
     def reserve(self, new: int, valid: torch.Tensor | None) -> None:
-        """Mark slots [length, length + new) valid per `valid` [batch, new] before the layers run."""
+        """Mark slots [length, length + new) valid per `valid` [batch, new] (before the layers)."""
         if self.length + new > self.max_len:
             raise ValueError(f"KV cache overflow: {self.length} + {new} > {self.max_len} slots")
         end = self.length + new
         self.key_valid[:, self.length : end] = True if valid is None else valid.bool()
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Append k, v [batch, kv_heads, new, head_dim] for `layer`; return all keys/values so far."""
+        """Append k, v [batch, kv_heads, new, head_dim] for `layer`; return all so far."""
         end = self.length + k.shape[2]
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
