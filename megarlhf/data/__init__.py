@@ -1,0 +1,1 @@
+"""Data: tokenizers, chat templates, SFT samples, packing and the resumable sampler/loader."""
