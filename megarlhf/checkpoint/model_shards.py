@@ -1,0 +1,546 @@
+"""The megarlhf model-weights format: a safetensors file per (tp, pp) rank, loadable at any layout.
+
+Layout of a checkpoint directory `<dir>`:
+
+    <dir>/model/meta.json                    {"format": 1, "tp": T, "pp": P,
+                                              "model": <ModelConfig>, "padded_vocab_size": Vp}
+    <dir>/model/tp{t:02d}_pp{p:02d}.safetensors   rank (t, p)'s shards, under GLOBAL names
+
+Names are the model's full parameter names (`layers.{i}.…` with the global layer index), so a file
+says by itself which layers it holds, and tensor shapes are the rank's LOCAL shard shapes. The word
+embedding and the output layer are stored padded to `Vp = padded_vocab_size(vocab, div, T)`, which
+depends on T: re-sharding to another TP re-pads (padding rows are dropped, then zero rows added).
+A tied output layer is stored only where the model holds a copy of it (the last stage when P > 1).
+
+Loading re-shards on the fly: for each parameter the target rank needs, the source shards are read
+one tensor at a time through `safe_open` (memory-mapped), joined with `unshard_tensors`, trimmed to
+the real vocabulary, re-padded and cut with `shard_tensor` for the target rank. Peak memory is the
+rank's own state dict plus one full tensor. Training resume uses `strict_layout=True`, which refuses
+a different layout instead of silently re-sharding optimizer-less weights.
+
+`SafetensorsStreamWriter` writes a safetensors file tensor by tensor (the header is computed from
+declared shapes first), so converters never hold more than one full tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from megarlhf.config import ConfigError, ModelConfig, from_dict, to_dict
+from megarlhf.model.gpt import padded_vocab_size, sharding_plan, stage_param_names
+from megarlhf.parallel.sharding import ShardSpec, shard_tensor, unshard_tensors
+
+FORMAT_VERSION = 1
+MODEL_SUBDIR = "model"
+META_FILE = "meta.json"
+# Parameters whose dim 0 is the (padded) vocabulary.
+VOCAB_PARAMS = ("embedding.word.weight", "output.weight")
+TIED_OUTPUT, TIED_SOURCE = "output.weight", "embedding.word.weight"
+RESHARD_HINT = "tools/convert_hf.py --reshard"
+
+# safetensors dtype codes <-> torch dtypes (the subset a model checkpoint uses).
+ST_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+TORCH_DTYPES: dict[str, torch.dtype] = {v: k for k, v in ST_DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, malformed or does not fit the request (message names the file)."""
+
+
+# ----------------------------------------------------------------------------- paths and meta
+
+
+def rank_file_name(tp_rank: int, pp_rank: int) -> str:
+    return f"tp{tp_rank:02d}_pp{pp_rank:02d}.safetensors"
+
+
+def rank_file(ckpt_dir: str | Path, tp_rank: int, pp_rank: int) -> Path:
+    return Path(ckpt_dir) / MODEL_SUBDIR / rank_file_name(tp_rank, pp_rank)
+
+
+@dataclass(frozen=True)
+class ModelShardsMeta:
+    """Contents of `model/meta.json`."""
+
+    tp: int
+    pp: int
+    model: ModelConfig
+    padded_vocab_size: int
+
+
+def write_meta(ckpt_dir: str | Path, cfg: ModelConfig, tp: int, pp: int) -> Path:
+    """Write `<dir>/model/meta.json` (atomically: temp file, then rename)."""
+    path = Path(ckpt_dir) / MODEL_SUBDIR / META_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": FORMAT_VERSION,
+        "tp": tp,
+        "pp": pp,
+        "model": to_dict(cfg),
+        "padded_vocab_size": padded_vocab_size(
+            cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp
+        ),
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_meta(ckpt_dir: str | Path) -> ModelShardsMeta:
+    """Read and validate `<dir>/model/meta.json`."""
+    path = Path(ckpt_dir) / MODEL_SUBDIR / META_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path}: not found; {ckpt_dir} is not a megarlhf checkpoint"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    if raw.get("format") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format {raw.get('format')!r} is not the supported {FORMAT_VERSION}"
+        )
+    try:
+        cfg = from_dict(ModelConfig, raw["model"], prefix="model.")
+        meta = ModelShardsMeta(int(raw["tp"]), int(raw["pp"]), cfg, int(raw["padded_vocab_size"]))
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing field {e}") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    expect = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, meta.tp)
+    if meta.padded_vocab_size != expect:
+        raise CheckpointError(
+            f"{path}: padded_vocab_size={meta.padded_vocab_size} but vocab_size={cfg.vocab_size}, "
+            f"make_vocab_size_divisible_by={cfg.make_vocab_size_divisible_by}, tp={meta.tp} "
+            f"give {expect}"
+        )
+    return meta
+
+
+# ----------------------------------------------------------------------------- vocab padding
+
+
+def pad_vocab(full: torch.Tensor, padded: int) -> torch.Tensor:
+    """Append zero rows so dim 0 is `padded` long ([V, h] -> [padded, h])."""
+    extra = padded - full.shape[0]
+    if extra < 0:
+        raise ValueError(f"cannot pad {full.shape[0]} vocabulary rows down to {padded}")
+    if extra == 0:
+        return full
+    return torch.cat([full, full.new_zeros((extra, *full.shape[1:]))], dim=0)
+
+
+def full_for_rank(
+    name: str,
+    full: torch.Tensor,
+    spec: ShardSpec | None,
+    padded_vocab: int,
+    tp_rank: int,
+) -> torch.Tensor:
+    """Rank `tp_rank`'s shard of an unpadded full tensor (vocab parameters padded first)."""
+    if name in VOCAB_PARAMS:
+        full = pad_vocab(full, padded_vocab)
+    return shard_tensor(full, spec, tp_rank)
+
+
+def stage_targets(cfg: ModelConfig, pp: int, pp_rank: int) -> dict[str, str]:
+    """Names stage `pp_rank` holds -> the stored full name it is read from.
+
+    A tied output layer has no tensor of its own in a layout where it is not stored: it is read
+    from the word embedding.
+    """
+    out = {}
+    for name in stage_param_names(cfg, pp, pp_rank):
+        out[name] = TIED_SOURCE if (name == TIED_OUTPUT and cfg.tie_embeddings) else name
+    return out
+
+
+# ----------------------------------------------------------------------------- streaming writer
+
+
+class SafetensorsStreamWriter:
+    """Write one safetensors file tensor by tensor.
+
+    The header (names, dtypes, shapes, byte offsets) is computed from `entries` and written first;
+    each `write` then puts that tensor's bytes at its offset, so only one tensor is in memory at a
+    time. `close` checks that every declared tensor was written.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        entries: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+        metadata: Mapping[str, str] | None = None,
+    ):
+        self.path = Path(path)
+        self._layout: dict[str, tuple[tuple[int, ...], torch.dtype, int, int]] = {}
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+        offset = 0
+        for name, (shape, dtype) in entries.items():
+            nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            header[name] = {
+                "dtype": ST_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            self._layout[name] = (tuple(shape), dtype, offset, nbytes)
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+        self._data_start = 8 + len(blob)
+        self._pending = set(self._layout)
+        self._file = open(self.path, "wb")
+        self._file.write(len(blob).to_bytes(8, "little"))
+        self._file.write(blob)
+        self._file.truncate(self._data_start + offset)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self._layout:
+            raise KeyError(f"{self.path}: {name!r} was not declared")
+        shape, dtype, offset, nbytes = self._layout[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(
+                f"{self.path}: {name} declared {shape} {dtype}, got {tuple(tensor.shape)} "
+                f"{tensor.dtype}"
+            )
+        if name not in self._pending:
+            raise ValueError(f"{self.path}: {name} written twice")
+        if nbytes:
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            self._file.seek(self._data_start + offset)
+            self._file.write(memoryview(data.numpy()))
+        self._pending.discard(name)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._pending:
+            raise CheckpointError(
+                f"{self.path}: never wrote {len(self._pending)} tensor(s), e.g. "
+                f"{sorted(self._pending)[:3]}"
+            )
+
+    def abort(self) -> None:
+        self._file.close()
+
+
+# ----------------------------------------------------------------------------- per-rank I/O
+
+
+def _rank_metadata(tp: int, tp_rank: int, pp: int, pp_rank: int) -> dict[str, str]:
+    return {
+        "format": "pt",
+        "megarlhf_format": str(FORMAT_VERSION),
+        "tp": str(tp),
+        "tp_rank": str(tp_rank),
+        "pp": str(pp),
+        "pp_rank": str(pp_rank),
+    }
+
+
+def save_model_shard(
+    ckpt_dir: str | Path,
+    state_dict: Mapping[str, torch.Tensor],
+    cfg: ModelConfig,
+    *,
+    tp: int,
+    tp_rank: int,
+    pp: int,
+    pp_rank: int,
+) -> Path:
+    """Save one rank's model state dict (global names, local shard shapes) into `<dir>/model/`.
+
+    Checks that the names are exactly those of stage `pp_rank` and every shape is the rank's shard
+    shape, so a wrong layout cannot be written. The file is written to a temp name and renamed;
+    rank (0, 0) also writes meta.json. Extra non-parameter entries are an error, not skipped.
+
+    Returns:
+        The path of the rank file.
+    """
+    expected = stage_targets(cfg, pp, pp_rank)
+    names = set(state_dict)
+    if names != set(expected):
+        raise CheckpointError(
+            f"state dict of tp {tp_rank}/{tp}, pp {pp_rank}/{pp} does not match the model: missing "
+            f"{sorted(set(expected) - names)[:5]}, unexpected {sorted(names - set(expected))[:5]}"
+        )
+    plan = sharding_plan(cfg, tp)
+    tensors = {}
+    for name in expected:
+        t = state_dict[name]
+        spec = plan[name]
+        if spec is not None and (
+            t.dim() <= spec.dim or t.shape[spec.dim] != spec.local_size(tp_rank)
+        ):
+            raise CheckpointError(
+                f"{name}: shape {tuple(t.shape)} is not tp rank {tp_rank}/{tp}'s shard (expected "
+                f"{spec.local_size(tp_rank)} along dim {spec.dim})"
+            )
+        tensors[name] = t.detach().to("cpu").contiguous()
+    path = rank_file(ckpt_dir, tp_rank, pp_rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=_rank_metadata(tp, tp_rank, pp, pp_rank))
+    os.replace(tmp, path)
+    if tp_rank == 0 and pp_rank == 0:
+        write_meta(ckpt_dir, cfg, tp, pp)
+    return path
+
+
+class ModelShardsReader:
+    """Lazy reader of a checkpoint at any layout: full (unsharded, unpadded) tensors on demand.
+
+    Files are opened with `safe_open` (memory-mapped) and only the shards of the requested tensor
+    are read, so a reader costs one full tensor at a time.
+    """
+
+    def __init__(self, ckpt_dir: str | Path):
+        self.ckpt_dir = Path(ckpt_dir)
+        self.meta = read_meta(ckpt_dir)
+        self.cfg = self.meta.model
+        self._plan = sharding_plan(self.cfg, self.meta.tp)
+        self._stack = ExitStack()
+        self._files: dict[tuple[int, int], object] = {}
+        # Stored full name -> pipeline stage holding it (a tied output copy is not a source).
+        self._stage_of: dict[str, int] = {}
+        for p in range(self.meta.pp):
+            for name in stage_param_names(self.cfg, self.meta.pp, p):
+                if name == TIED_OUTPUT and self.cfg.tie_embeddings:
+                    continue
+                self._stage_of.setdefault(name, p)
+
+    def __enter__(self) -> ModelShardsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+        self._files.clear()
+
+    def names(self) -> list[str]:
+        """Full parameter names stored, in model order (a tied output layer is not listed)."""
+        return list(self._stage_of)
+
+    def _open(self, tp_rank: int, pp_rank: int):
+        key = (tp_rank, pp_rank)
+        if key not in self._files:
+            path = rank_file(self.ckpt_dir, tp_rank, pp_rank)
+            if not path.exists():
+                raise CheckpointError(
+                    f"{path}: missing (meta.json says tp={self.meta.tp}, pp={self.meta.pp})"
+                )
+            try:
+                f = self._stack.enter_context(safe_open(str(path), framework="pt"))
+            except SafetensorError as e:
+                raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+            md = f.metadata() or {}
+            want = _rank_metadata(self.meta.tp, tp_rank, self.meta.pp, pp_rank)
+            if any(md.get(k) != v for k, v in want.items() if k != "format"):
+                raise CheckpointError(f"{path}: header says {md}, expected {want}")
+            self._files[key] = f
+        return self._files[key]
+
+    def _shards(self, name: str) -> Iterator[tuple[Path, object]]:
+        if name not in self._stage_of:
+            raise CheckpointError(f"{self.ckpt_dir}: no parameter {name!r} in this checkpoint")
+        p = self._stage_of[name]
+        for t in range(self.meta.tp):
+            yield rank_file(self.ckpt_dir, t, p), self._open(t, p)
+
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """(full unpadded shape, dtype) of a stored parameter, from the headers only."""
+        shapes = []
+        dtype = None
+        for path, f in self._shards(name):
+            if name not in f.keys():
+                raise CheckpointError(f"{path}: missing tensor {name}")
+            sl = f.get_slice(name)
+            shapes.append(sl.get_shape())
+            dtype = TORCH_DTYPES[sl.get_dtype()]
+        spec = self._plan[name]
+        shape = list(shapes[0])
+        if spec is not None:
+            shape[spec.dim] = sum(s[spec.dim] for s in shapes)
+        if name in VOCAB_PARAMS:
+            shape[0] = self.cfg.vocab_size
+        return tuple(shape), dtype
+
+    def local_tensor(self, name: str, tp_rank: int, pp_rank: int) -> torch.Tensor:
+        """The shard stored in rank file (tp_rank, pp_rank), as saved."""
+        path, f = rank_file(self.ckpt_dir, tp_rank, pp_rank), self._open(tp_rank, pp_rank)
+        if name not in f.keys():
+            raise CheckpointError(f"{path}: missing tensor {name}")
+        try:
+            return f.get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: cannot read {name} ({e})") from None
+
+    def full_tensor(self, name: str) -> torch.Tensor:
+        """The full parameter, joined from every TP shard, with vocabulary padding removed."""
+        shards = []
+        for path, f in self._shards(name):
+            try:
+                shards.append(f.get_tensor(name))
+            except SafetensorError as e:
+                raise CheckpointError(f"{path}: cannot read {name} ({e})") from None
+        try:
+            full = unshard_tensors(shards, self._plan[name])
+        except ValueError as e:
+            raise CheckpointError(f"{self.ckpt_dir}: {name}: {e}") from None
+        if name in VOCAB_PARAMS:
+            if full.shape[0] != self.meta.padded_vocab_size:
+                raise CheckpointError(
+                    f"{self.ckpt_dir}: {name} has {full.shape[0]} rows, meta.json says "
+                    f"padded_vocab_size={self.meta.padded_vocab_size}"
+                )
+            full = full[: self.cfg.vocab_size].contiguous()
+        return full
+
+
+def load_model_shard(
+    ckpt_dir: str | Path,
+    *,
+    tp: int,
+    tp_rank: int,
+    pp: int,
+    pp_rank: int,
+    strict_layout: bool = False,
+) -> dict[str, torch.Tensor]:
+    """State dict of rank (tp_rank, pp_rank) in a (tp, pp) layout, from a checkpoint at any layout.
+
+    Args:
+        ckpt_dir: checkpoint directory (holding `model/`).
+        tp, tp_rank, pp, pp_rank: the layout and coordinates of the loading rank.
+        strict_layout: refuse a checkpoint saved at another (tp, pp) (training resume, where the
+            optimizer state is sharded too) instead of re-sharding.
+
+    Returns:
+        {global name: local shard}, in the checkpoint's dtype; vocabulary padded for `tp`.
+    """
+    meta = read_meta(ckpt_dir)
+    if (meta.tp, meta.pp) != (tp, pp):
+        if strict_layout:
+            raise CheckpointError(
+                f"{ckpt_dir} was saved at tp={meta.tp}, pp={meta.pp} but this run uses tp={tp}, "
+                f"pp={pp}; resuming needs the same layout. Re-shard the weights with "
+                f"`python {RESHARD_HINT} {ckpt_dir} OUT --tp {tp} --pp {pp}` and start from OUT "
+                f"(the optimizer state is not re-sharded)"
+            )
+    cfg = meta.model
+    plan = sharding_plan(cfg, tp)
+    vp = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp)
+    out = {}
+    with ModelShardsReader(ckpt_dir) as reader:
+        same = (meta.tp, meta.pp) == (tp, pp)
+        for name, source in stage_targets(cfg, pp, pp_rank).items():
+            if same:
+                # Same layout: the rank's own file holds the shard (a tied output copy included).
+                out[name] = reader.local_tensor(name, tp_rank, pp_rank)
+                continue
+            out[name] = full_for_rank(name, reader.full_tensor(source), plan[name], vp, tp_rank)
+    return out
+
+
+class ModelShardsWriter:
+    """Write a whole checkpoint at layout (tp, pp) from full tensors, one tensor at a time.
+
+    Every rank file is opened up front with its header (computed from `infos`); `write(name, full)`
+    pads the vocabulary, cuts each rank's shard and writes it into every rank file that holds the
+    parameter (a tied output copy included), so memory holds one full tensor plus one shard.
+
+    Args:
+        ckpt_dir: checkpoint folder (`model/` is created in it).
+        cfg: the model.
+        tp, pp: target layout.
+        infos: stored full name -> (full unpadded shape, dtype), for every parameter to write.
+    """
+
+    def __init__(self, ckpt_dir, cfg: ModelConfig, tp: int, pp: int, infos: Mapping):
+        self.ckpt_dir, self.cfg, self.tp, self.pp = Path(ckpt_dir), cfg, tp, pp
+        self._plan = sharding_plan(cfg, tp)
+        self._vp = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp)
+        (self.ckpt_dir / MODEL_SUBDIR).mkdir(parents=True, exist_ok=True)
+        self._writers: list[SafetensorsStreamWriter] = []
+        # Stored full name -> [(rank file writer, name in that file, tp rank)].
+        self._targets: dict[str, list] = {}
+        try:
+            self._open_all(infos)
+        except BaseException:
+            self.abort()
+            raise
+        missing = sorted(set(self._targets) - set(infos))
+        unused = sorted(set(infos) - set(self._targets))
+        if missing or unused:
+            self.abort()
+            raise CheckpointError(
+                f"parameters do not match the model: missing {missing[:4]}, unexpected {unused[:4]}"
+            )
+
+    def _open_all(self, infos: Mapping) -> None:
+        for p in range(self.pp):
+            stage = stage_targets(self.cfg, self.pp, p)
+            for t in range(self.tp):
+                entries = {}
+                for name, source in stage.items():
+                    if source not in infos:
+                        continue  # reported by the caller's name check
+                    shape, dtype = infos[source]
+                    shape = list(shape)
+                    if name in VOCAB_PARAMS:
+                        shape[0] = self._vp
+                    entries[name] = (_local_shape(shape, self._plan[name], t), dtype)
+                w = SafetensorsStreamWriter(
+                    rank_file(self.ckpt_dir, t, p), entries, _rank_metadata(self.tp, t, self.pp, p)
+                )
+                self._writers.append(w)
+                for name, source in stage.items():
+                    self._targets.setdefault(source, []).append((w, name, t))
+
+    def write(self, name: str, full: torch.Tensor) -> None:
+        """Write full (unsharded, unpadded) parameter `name` into every rank file holding it."""
+        if name in VOCAB_PARAMS:
+            full = pad_vocab(full, self._vp)
+        for writer, target, t in self._targets[name]:
+            writer.write(target, shard_tensor(full, self._plan[target], t))
+
+    def close(self) -> None:
+        """Finish every file (checking nothing is missing) and write meta.json last."""
+        for w in self._writers:
+            w.close()
+        write_meta(self.ckpt_dir, self.cfg, self.tp, self.pp)
+
+    def abort(self) -> None:
+        for w in self._writers:
+            w.abort()
+
+
+def _local_shape(full_shape, spec: ShardSpec | None, tp_rank: int) -> tuple[int, ...]:
+    shape = list(full_shape)
+    if spec is not None:
+        shape[spec.dim] = spec.local_size(tp_rank)
+    return tuple(shape)

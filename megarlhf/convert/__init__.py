@@ -1,0 +1,23 @@
+"""Hugging Face <-> megarlhf checkpoint conversion: config translation, per-family key-mapping
+tables, streaming HF weight I/O, and the three conversions (import, export, re-shard)."""
+
+from megarlhf.convert.convert import hf_to_megarlhf, megarlhf_to_hf, reshard, staged_output_dir
+from megarlhf.convert.hf_config import (
+    SUPPORTED_MODEL_TYPES,
+    ConversionError,
+    hf_config_to_model_config,
+    model_config_to_hf_config,
+)
+from megarlhf.convert.tables import TABLES
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "TABLES",
+    "ConversionError",
+    "hf_config_to_model_config",
+    "hf_to_megarlhf",
+    "megarlhf_to_hf",
+    "model_config_to_hf_config",
+    "reshard",
+    "staged_output_dir",
+]

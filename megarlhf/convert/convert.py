@@ -1,0 +1,264 @@
+"""Conversions: Hugging Face folder -> megarlhf checkpoint, back, and megarlhf re-sharding.
+
+Every conversion goes through megarlhf FULL tensors (unsharded, real vocabulary), one at a time:
+
+    HF tensors --table--> full tensor --pad vocab, shard--> T x P rank files (streamed)
+    rank files --unshard, unpad--> full tensor --table--> HF tensors (streamed)
+
+so peak memory is about one full tensor (the largest is the word embedding), never the model.
+Everything is checked before the first byte is written: every HF tensor is consumed (or is a known
+buffer / tied copy), every megarlhf parameter is produced, and every shape matches the config.
+
+Outputs are written into a temp folder beside the destination and renamed at the end, so an error
+leaves no partial output. Besides the weights, an imported checkpoint keeps the HF `config.json` as
+`model/hf_config.json` (token ids, model_type and other keys we do not model) and the tokenizer
+files under `tokenizer/`; export and re-sharding carry both along.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from megarlhf.checkpoint.model_shards import (
+    MODEL_SUBDIR,
+    ModelShardsReader,
+    ModelShardsWriter,
+)
+from megarlhf.config import ModelConfig
+from megarlhf.convert.hf_config import (
+    ConversionError,
+    config_table_for,
+    hf_config_to_model_config,
+    model_config_to_hf_config,
+)
+from megarlhf.convert.hf_io import HFWeights, HFWeightsWriter, copy_tokenizer_files, read_hf_config
+from megarlhf.convert.tables import (
+    TABLES,
+    Mapping,
+    detect_prefix,
+    expand,
+    hf_part_shape,
+    is_ignored,
+    to_hf,
+    to_ours,
+)
+from megarlhf.model.gpt import sharding_plan
+
+TOKENIZER_SUBDIR = "tokenizer"
+HF_CONFIG_FILE = "hf_config.json"
+# Source dtypes -> ModelConfig.dtype when none is asked for (fp16 widens losslessly to fp32).
+_DTYPE_OF = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp32"}
+
+
+@contextmanager
+def staged_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside `out`; rename it to `out` on success, delete it on error."""
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise ConversionError(f"{out}: already exists (pass overwrite / --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+# ----------------------------------------------------------------------------- HF -> megarlhf
+
+
+def _check_hf_tensors(
+    weights: HFWeights, mappings: list[Mapping], cfg: ModelConfig, hf_cfg: dict, table
+) -> None:
+    """Check names and shapes against the config before anything is written."""
+    names = weights.names()
+    hint = _layer_hint(hf_cfg)
+    used: set[str] = set()
+    for m in mappings:
+        for k, hf_name in enumerate(m.hf):
+            if hf_name not in names:
+                raise ConversionError(
+                    f"{weights.dir}: missing key {hf_name} (needed for {m.ours}; {hint})"
+                )
+            shape, _ = weights.info(hf_name)
+            want = hf_part_shape(m, k)
+            if shape != want:
+                raise ConversionError(
+                    f"{weights.file_of(hf_name)}: shape mismatch for {hf_name}: the file has "
+                    f"{list(shape)}, config.json implies {list(want)}"
+                )
+            used.add(hf_name)
+    tied = set()
+    if cfg.tie_embeddings and table.tied_copy and table.tied_copy[0] in names:
+        copy_name, source = table.tied_copy
+        source_hf = next(m.hf[0] for m in mappings if m.ours == source)
+        _check_tied_copy(weights, copy_name, source_hf)
+        tied.add(copy_name)
+    left = sorted(n for n in names - used - tied if not is_ignored(table, n))
+    if left:
+        raise ConversionError(
+            f"{weights.dir}: {len(left)} tensor(s) not consumed by the {table.family} mapping, "
+            f"e.g. {left[:4]} ({hint}); refusing to drop weights"
+        )
+    produced = {m.ours for m in mappings}
+    expected = set(sharding_plan(cfg, 1))
+    if cfg.tie_embeddings:
+        expected.discard("output.weight")
+    if produced != expected:
+        raise ConversionError(
+            f"the {table.family} table and the model disagree: table-only "
+            f"{sorted(produced - expected)[:4]}, model-only {sorted(expected - produced)[:4]}"
+        )
+
+
+def _layer_hint(hf_cfg: dict) -> str:
+    keys = ("num_hidden_layers", "n_layer", "tie_word_embeddings")
+    said = ", ".join(f"{k}={hf_cfg[k]}" for k in keys if k in hf_cfg)
+    return f"config.json says {said}" if said else "config.json"
+
+
+def hf_to_megarlhf(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    overwrite: bool = False,
+    **overrides,
+) -> ModelConfig:
+    """Convert an HF model folder into a megarlhf checkpoint at layout (tp, pp).
+
+    Args:
+        hf_dir: folder with config.json and safetensors or .bin weights (sharded or not).
+        out_dir: checkpoint folder to create.
+        tp, pp: target layout.
+        overwrite: replace an existing `out_dir`.
+        **overrides: ModelConfig fields to set (dtype, make_vocab_size_divisible_by, max_seq_len).
+
+    Returns:
+        The ModelConfig written into the checkpoint.
+    """
+    hf_cfg = read_hf_config(hf_dir)
+    table = TABLES[config_table_for(hf_cfg).family]
+    with HFWeights(hf_dir) as weights, staged_output_dir(out_dir, overwrite) as tmp:
+        prefix = detect_prefix(table, weights.names(), str(weights.dir))
+        if "dtype" not in overrides:
+            _, src_dtype = weights.info(table.probe.format(p=prefix))
+            overrides["dtype"] = _DTYPE_OF.get(src_dtype, "fp32")
+        cfg = hf_config_to_model_config(hf_cfg, **overrides)
+        mappings = expand(table, cfg, prefix)
+        _check_hf_tensors(weights, mappings, cfg, hf_cfg, table)
+        infos = {m.ours: (m.shape, cfg.torch_dtype) for m in mappings}
+        writer = ModelShardsWriter(tmp, cfg, tp, pp, infos)
+        try:
+            for m in mappings:
+                full = to_ours(m, [weights.get(h) for h in m.hf]).to(cfg.torch_dtype)
+                writer.write(m.ours, full)
+                del full
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        (tmp / MODEL_SUBDIR / HF_CONFIG_FILE).write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        copy_tokenizer_files(hf_dir, tmp / TOKENIZER_SUBDIR)
+    return cfg
+
+
+def _check_tied_copy(weights: HFWeights, copy_name: str, source_name: str) -> None:
+    if not torch.equal(weights.get(copy_name), weights.get(source_name)):
+        raise ConversionError(
+            f"{weights.file_of(copy_name)}: config.json says tie_word_embeddings=true but "
+            f"{copy_name} differs from {source_name}; set tie_word_embeddings=false to keep both"
+        )
+
+
+# ----------------------------------------------------------------------------- megarlhf -> HF
+
+
+def megarlhf_to_hf(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+) -> dict:
+    """Convert a megarlhf checkpoint (any layout) into an HF folder `from_pretrained` loads.
+
+    Returns:
+        The config.json dict written.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    with ModelShardsReader(ckpt_dir) as reader, staged_output_dir(out_dir, overwrite) as tmp:
+        cfg = reader.cfg
+        table = TABLES[cfg.family]
+        base_path = ckpt_dir / MODEL_SUBDIR / HF_CONFIG_FILE
+        base = json.loads(base_path.read_text()) if base_path.exists() else None
+        hf_cfg = model_config_to_hf_config(cfg, base)
+        mappings = expand(table, cfg, table.prefixes[0])
+        stored = set(reader.names())
+        if stored != {m.ours for m in mappings}:
+            missing = sorted({m.ours for m in mappings} - stored)
+            extra = sorted(stored - {m.ours for m in mappings})
+            raise ConversionError(
+                f"{ckpt_dir}: parameters do not match its meta.json config: missing {missing[:4]}, "
+                f"unexpected {extra[:4]}"
+            )
+        entries = {}
+        for m in mappings:
+            shape, dtype = reader.info(m.ours)
+            if shape != m.shape:
+                raise ConversionError(
+                    f"{ckpt_dir}: {m.ours} has full shape {list(shape)}, its meta.json config "
+                    f"implies {list(m.shape)}"
+                )
+            entries.update({h: (hf_part_shape(m, k), dtype) for k, h in enumerate(m.hf)})
+        writer = HFWeightsWriter(tmp, entries, max_shard_bytes)
+        try:
+            for m in mappings:
+                for hf_name, t in zip(m.hf, to_hf(m, reader.full_tensor(m.ours)), strict=True):
+                    writer.write(hf_name, t)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        copy_tokenizer_files(ckpt_dir / TOKENIZER_SUBDIR, tmp)
+    return hf_cfg
+
+
+# ----------------------------------------------------------------------------- re-sharding
+
+
+def reshard(
+    ckpt_dir: str | Path, out_dir: str | Path, *, tp: int, pp: int, overwrite: bool = False
+) -> ModelConfig:
+    """Rewrite a megarlhf checkpoint at another (tp, pp) layout, bit for bit."""
+    ckpt_dir = Path(ckpt_dir)
+    with ModelShardsReader(ckpt_dir) as reader, staged_output_dir(out_dir, overwrite) as tmp:
+        infos = {name: reader.info(name) for name in reader.names()}
+        writer = ModelShardsWriter(tmp, reader.cfg, tp, pp, infos)
+        try:
+            for name in reader.names():
+                writer.write(name, reader.full_tensor(name))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        base = ckpt_dir / MODEL_SUBDIR / HF_CONFIG_FILE
+        if base.exists():
+            shutil.copy2(base, tmp / MODEL_SUBDIR / HF_CONFIG_FILE)
+        copy_tokenizer_files(ckpt_dir / TOKENIZER_SUBDIR, tmp / TOKENIZER_SUBDIR)
+    return reader.cfg
