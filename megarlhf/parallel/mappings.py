@@ -43,11 +43,16 @@ def _split_last(x: torch.Tensor, group, sizes) -> torch.Tensor:
 def _gather_last(x: torch.Tensor, group, sizes) -> torch.Tensor:
     world = dist.get_world_size(group)
     x = x.contiguous()
-    if sizes is None:
-        sizes = [x.shape[-1]] * world
-    bufs = [x.new_empty(*x.shape[:-1], s) for s in sizes]
-    dist.all_gather(bufs, x, group=group)
-    return torch.cat(bufs, dim=-1)
+    if sizes is None or len(set(sizes)) == 1:
+        bufs = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(bufs, x, group=group)
+        return torch.cat(bufs, dim=-1)
+    # Uneven slices: collectives need equal sizes, so pad to the largest and trim after.
+    big = max(sizes)
+    padded = torch.nn.functional.pad(x, (0, big - x.shape[-1]))
+    bufs = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(bufs, padded, group=group)
+    return torch.cat([b[..., :s] for b, s in zip(bufs, sizes, strict=True)], dim=-1)
 
 
 class _CopyToRegion(torch.autograd.Function):
