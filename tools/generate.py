@@ -1,0 +1,139 @@
+"""Sample responses from a megarlhf checkpoint with a KV cache, at any tensor-parallel size.
+
+    python tools/generate.py --checkpoint CKPT --tokenizer TOK --prompt "Hello" [--prompt ...]
+    torchrun --nproc_per_node 2 tools/generate.py --checkpoint CKPT --tokenizer TOK --tp 2 ...
+    deepspeed --num_gpus 2 tools/generate.py --checkpoint CKPT --tokenizer TOK --tp 2 ...
+
+The checkpoint may have been saved at any TP x PP layout: weights are re-sharded on load to
+(tp, pipeline size 1). Ranks beyond one TP group split the prompts data-parallel. Generation
+settings are dotted overrides (`generation.temperature=0.7 generation.max_new_tokens=64`). Output
+is JSONL (`{"prompt", "response", "tokens", "logprobs"}` per prompt, in input order) on stdout or
+--output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+
+def _set_threads() -> None:
+    # Launchers do not set OMP_NUM_THREADS; share the cores between the local ranks.
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local)))
+
+
+_set_threads()
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from megarlhf.checkpoint.model_shards import load_model_shard, read_meta  # noqa: E402
+from megarlhf.config import GenerationConfig, load_config  # noqa: E402
+from megarlhf.data.tokenizer import TEMPLATES, load_tokenizer  # noqa: E402
+from megarlhf.model.generation import generate  # noqa: E402
+from megarlhf.model.gpt import GPTModel  # noqa: E402
+from megarlhf.parallel.state import (  # noqa: E402
+    build_parallel_state,
+    init_distributed,
+    shutdown_distributed,
+)
+
+
+@dataclass
+class GenerateToolConfig:
+    """Settings of tools/generate.py that can be overridden with dotted keys."""
+
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="megarlhf checkpoint dir (holds model/)")
+    p.add_argument("--tokenizer", required=True, help="sentencepiece model/dir or HF folder")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help='JSONL with {"prompt": ...} per line')
+    p.add_argument("--tp", type=int, default=0, help="tensor-parallel size (default: world)")
+    p.add_argument("--template", default="auto", choices=TEMPLATES, help="prompt formatting")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--config", help="YAML with a generation: section")
+    p.add_argument("--output", help="write JSONL here instead of stdout (rank 0)")
+    # The deepspeed launcher passes --local_rank; the rank comes from the environment.
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. generation.top_k=40")
+    return p.parse_args(argv)
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    prompts.append(str(json.loads(line)["prompt"]))
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise SystemExit(f"{args.prompts_file}:{lineno}: bad prompt line ({e})") from e
+    if not prompts:
+        raise SystemExit("no prompts: give --prompt or --prompts-file")
+    return prompts
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    tool_cfg = load_config(GenerateToolConfig, args.config, args.overrides)
+    prompts = read_prompts(args)
+    rank, world = init_distributed()
+    ps = build_parallel_state(tp=args.tp or world, pp=1)
+    cfg = read_meta(args.checkpoint).model
+    model = GPTModel(cfg, ps)
+    state = load_model_shard(args.checkpoint, tp=ps.tp_size, tp_rank=ps.tp_rank, pp=1, pp_rank=0)
+    model.load_state_dict(state, strict=True)
+    tok = load_tokenizer(args.tokenizer)
+    gen = tool_cfg.generation
+    mine = list(range(ps.dp_rank, len(prompts), ps.dp_size))  # this DP rank's prompts
+    results = {}
+    for start in range(0, len(mine), args.batch_size):
+        idx = mine[start : start + args.batch_size]
+        ids = [tok.tokenize_pair(prompts[i], None, args.template).ids for i in idx]
+        pids, pmask = left_pad(ids, tok.pad_id)
+        g = torch.Generator().manual_seed(gen.seed + 1000 * ps.dp_rank + start)
+        out = generate(model, pids, pmask, gen, tok.eos_id, tok.pad_id, generator=g)
+        for row, i in enumerate(idx):
+            n = int(out.response_mask[row].sum())
+            toks = out.responses[row, :n].tolist()
+            text = tok.decode([t for t in toks if t != tok.eos_id])
+            lps = [round(x, 6) for x in out.logprobs[row, :n].tolist()]
+            results[i] = {"prompt": prompts[i], "response": text, "tokens": toks, "logprobs": lps}
+    if dist.is_initialized() and world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, results)
+        results = {k: v for part in gathered for k, v in part.items()}
+    if rank == 0:
+        lines = [json.dumps(results[i]) for i in range(len(prompts))]
+        text = "\n".join(lines) + "\n"
+        if args.output:
+            with open(args.output, "w") as f:
+                f.write(text)
+        else:
+            sys.stdout.write(text)
+    # Only on success: a failing rank exits at once and its peers' collectives error out.
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
