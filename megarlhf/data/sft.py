@@ -148,8 +148,6 @@ def tokenize_line(
                 "too_long",
                 f"sample is {len(toks.ids)} tokens, longer than data.seq_len={seq_len}",
             )
-        if not any(toks.trained[1:]):
-            raise _Invalid("nothing_trained", "no response token follows a context token")
     except _Invalid as e:
         raise DataError(source, e.reason, str(e)) from None
     return Sample(tuple(toks.ids), tuple(toks.trained), source)
