@@ -13,7 +13,7 @@ depends on T: re-sharding to another TP re-pads (padding rows are dropped, then 
 A tied output layer is stored only where the model holds a copy of it (the last stage when P > 1).
 
 Loading re-shards on the fly: for each parameter the target rank needs, the source shards are read
-one tensor at a time through `safe_open` (memory-mapped), joined with `unshard_tensors`, trimmed to
+one tensor at a time (plain reads, see `SafetensorsFile`), joined with `unshard_tensors`, trimmed to
 the real vocabulary, re-padded and cut with `shard_tensor` for the target rank. Peak memory is the
 rank's own state dict plus one full tensor. Training resume uses `strict_layout=True`, which refuses
 a different layout instead of silently re-sharding optimizer-less weights.
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -247,6 +248,76 @@ class SafetensorsStreamWriter:
         self._file.close()
 
 
+class SafetensorsFile:
+    """Read a safetensors file tensor by tensor with plain reads (no memory map).
+
+    `safe_open` maps the whole file, and every page it touches stays in the process's resident
+    set until the file is closed, so streaming a model through it still peaks at the model's size.
+    Here the header is validated by `safe_open` (truncation, offsets, coverage: the reference
+    checks and messages) and each tensor is then read with one `readinto` into its own buffer.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                self._metadata = f.metadata() or {}
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(
+                f"{self.path}: unreadable safetensors file, truncated or corrupt ({e})"
+            ) from None
+        self._file = open(self.path, "rb")
+        (header_len,) = struct.unpack("<Q", self._file.read(8))
+        header = json.loads(self._file.read(header_len))
+        header.pop("__metadata__", None)
+        self._data_start = 8 + header_len
+        self._entries = {
+            name: (tuple(e["shape"]), TORCH_DTYPES[e["dtype"]], *e["data_offsets"])
+            for name, e in header.items()
+        }
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._metadata)
+
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """(shape, dtype) of tensor `name`, from the header."""
+        shape, dtype, _, _ = self._entry(name)
+        return shape, dtype
+
+    def get_tensor(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor `name`, read into `out` (a contiguous tensor of its shape and dtype) if given."""
+        shape, dtype, begin, end = self._entry(name)
+        if out is None:
+            out = torch.empty(shape, dtype=dtype)
+        elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
+            raise CheckpointError(
+                f"{self.path}: {name} is {shape} {dtype}, cannot read into {out.shape}"
+            )
+        if end > begin:
+            self._file.seek(self._data_start + begin)
+            got = self._file.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+            if got != end - begin:
+                raise CheckpointError(f"{self.path}: {name}: read {got} of {end - begin} bytes")
+        return out
+
+    def _entry(self, name: str):
+        if name not in self._entries:
+            raise CheckpointError(f"{self.path}: missing tensor {name}")
+        return self._entries[name]
+
+
 # ----------------------------------------------------------------------------- per-rank I/O
 
 
@@ -313,8 +384,8 @@ def save_model_shard(
 class ModelShardsReader:
     """Lazy reader of a checkpoint at any layout: full (unsharded, unpadded) tensors on demand.
 
-    Files are opened with `safe_open` (memory-mapped) and only the shards of the requested tensor
-    are read, so a reader costs one full tensor at a time.
+    Only the shards of the requested tensor are read (`SafetensorsFile`, no memory map), so a
+    reader costs one full tensor at a time.
     """
 
     def __init__(self, ckpt_dir: str | Path):
@@ -354,11 +425,8 @@ class ModelShardsReader:
                 raise CheckpointError(
                     f"{path}: missing (meta.json says tp={self.meta.tp}, pp={self.meta.pp})"
                 )
-            try:
-                f = self._stack.enter_context(safe_open(str(path), framework="pt"))
-            except SafetensorError as e:
-                raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
-            md = f.metadata() or {}
+            f = self._stack.enter_context(SafetensorsFile(path))
+            md = f.metadata()
             want = _rank_metadata(self.meta.tp, tp_rank, self.meta.pp, pp_rank)
             if any(md.get(k) != v for k, v in want.items() if k != "format"):
                 raise CheckpointError(f"{path}: header says {md}, expected {want}")
@@ -376,12 +444,9 @@ class ModelShardsReader:
         """(full unpadded shape, dtype) of a stored parameter, from the headers only."""
         shapes = []
         dtype = None
-        for path, f in self._shards(name):
-            if name not in f.keys():
-                raise CheckpointError(f"{path}: missing tensor {name}")
-            sl = f.get_slice(name)
-            shapes.append(sl.get_shape())
-            dtype = TORCH_DTYPES[sl.get_dtype()]
+        for _, f in self._shards(name):
+            shape, dtype = f.info(name)
+            shapes.append(shape)
         spec = self._plan[name]
         shape = list(shapes[0])
         if spec is not None:
@@ -392,26 +457,24 @@ class ModelShardsReader:
 
     def local_tensor(self, name: str, tp_rank: int, pp_rank: int) -> torch.Tensor:
         """The shard stored in rank file (tp_rank, pp_rank), as saved."""
-        path, f = rank_file(self.ckpt_dir, tp_rank, pp_rank), self._open(tp_rank, pp_rank)
-        if name not in f.keys():
-            raise CheckpointError(f"{path}: missing tensor {name}")
-        try:
-            return f.get_tensor(name)
-        except SafetensorError as e:
-            raise CheckpointError(f"{path}: cannot read {name} ({e})") from None
+        return self._open(tp_rank, pp_rank).get_tensor(name)
 
     def full_tensor(self, name: str) -> torch.Tensor:
         """The full parameter, joined from every TP shard, with vocabulary padding removed."""
-        shards = []
-        for path, f in self._shards(name):
+        spec, files = self._plan[name], [f for _, f in self._shards(name)]
+        if len(files) == 1:
+            full = files[0].get_tensor(name)  # tp=1: the shard is the full tensor
+        elif spec is not None and spec.dim == 0 and len(spec.parts) == 1:
+            # Row-split (the embeddings): read each shard straight into its rows, no extra copy.
+            shape, dtype = self.info(name)
+            full = torch.empty((spec.full_size, *shape[1:]), dtype=dtype)
+            for t, f in enumerate(files):
+                f.get_tensor(name, out=full.narrow(0, sum(spec.parts[0][:t]), spec.parts[0][t]))
+        else:
             try:
-                shards.append(f.get_tensor(name))
-            except SafetensorError as e:
-                raise CheckpointError(f"{path}: cannot read {name} ({e})") from None
-        try:
-            full = unshard_tensors(shards, self._plan[name])
-        except ValueError as e:
-            raise CheckpointError(f"{self.ckpt_dir}: {name}: {e}") from None
+                full = unshard_tensors([f.get_tensor(name) for f in files], spec)
+            except ValueError as e:
+                raise CheckpointError(f"{self.ckpt_dir}: {name}: {e}") from None
         if name in VOCAB_PARAMS:
             if full.shape[0] != self.meta.padded_vocab_size:
                 raise CheckpointError(
@@ -526,7 +589,7 @@ class ModelShardsWriter:
         if name in VOCAB_PARAMS:
             full = pad_vocab(full, self._vp)
         for writer, target, t in self._targets[name]:
-            writer.write(target, shard_tensor(full, self._plan[target], t))
+            writer.write(target, _shard_view(full, self._plan[target], t))
 
     def close(self) -> None:
         """Finish every file (checking nothing is missing) and write meta.json last."""
@@ -537,6 +600,17 @@ class ModelShardsWriter:
     def abort(self) -> None:
         for w in self._writers:
             w.abort()
+
+
+def _shard_view(full: torch.Tensor, spec: ShardSpec | None, tp_rank: int) -> torch.Tensor:
+    """Like `shard_tensor`, but a view where no concatenation is needed (saves a copy of the
+    largest tensors, the embeddings, when streaming)."""
+    if spec is None:
+        return full
+    if len(spec.parts) == 1:
+        part = spec.parts[0]
+        return full.narrow(spec.dim, sum(part[:tp_rank]), part[tp_rank])
+    return shard_tensor(full, spec, tp_rank)
 
 
 def _local_shape(full_shape, spec: ShardSpec | None, tp_rank: int) -> tuple[int, ...]:

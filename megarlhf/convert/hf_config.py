@@ -15,10 +15,11 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+from megarlhf.checkpoint.model_shards import CheckpointError
 from megarlhf.config import ConfigError, ModelConfig
 
 
-class ConversionError(ValueError):
+class ConversionError(CheckpointError):
     """A checkpoint cannot be converted; the message names the key or file at fault."""
 
 

@@ -14,9 +14,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from megarlhf.checkpoint.model_shards import TORCH_DTYPES, SafetensorsStreamWriter
+from megarlhf.checkpoint.model_shards import SafetensorsFile, SafetensorsStreamWriter
 from megarlhf.convert.hf_config import ConversionError
 
 SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
@@ -95,12 +94,7 @@ class HFWeights:
         if not path.exists():
             raise ConversionError(f"{path}: listed in the weight index but missing")
         if path.suffix == ".safetensors":
-            try:
-                handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
-            except SafetensorError as e:
-                raise ConversionError(
-                    f"{path}: unreadable safetensors file, truncated or corrupt ({e})"
-                ) from None
+            handle = self._stack.enter_context(SafetensorsFile(path))
             self._handles[path] = handle
             return list(handle.keys())
         try:
@@ -124,18 +118,13 @@ class HFWeights:
         if isinstance(handle, dict):
             t = handle[name]
             return tuple(t.shape), t.dtype
-        sl = handle.get_slice(name)
-        return tuple(sl.get_shape()), TORCH_DTYPES[sl.get_dtype()]
+        return handle.info(name)
 
     def get(self, name: str) -> torch.Tensor:
-        path = self._file_of[name]
-        handle = self._handles[path]
+        handle = self._handles[self._file_of[name]]
         if isinstance(handle, dict):
             return handle[name]
-        try:
-            return handle.get_tensor(name)
-        except SafetensorError as e:
-            raise ConversionError(f"{path}: cannot read {name} ({e})") from None
+        return handle.get_tensor(name)
 
 
 class HFWeightsWriter:

@@ -1,0 +1,106 @@
+"""Convert checkpoints between Hugging Face folders and megarlhf's sharded format, and re-shard.
+
+    # HF folder (config.json + safetensors or .bin, sharded or not) -> megarlhf at TP x PP
+    python tools/convert_hf.py --hf-to-megarlhf HF_DIR OUT --tp 2 --pp 2
+    # megarlhf checkpoint at any TP x PP -> HF folder (from_pretrained loads it), tokenizer copied
+    python tools/convert_hf.py --megarlhf-to-hf CKPT OUT
+    # megarlhf -> megarlhf at another TP x PP (bit-exact)
+    python tools/convert_hf.py --reshard CKPT OUT --tp 1 --pp 1
+
+One CPU process, streaming tensor by tensor (peak memory is about the largest full tensor, not the
+model). Output is staged in a temp folder beside OUT and renamed at the end: an error leaves none.
+Families: GPT-2 (model_type gpt2) and LLaMA-style (llama, mistral). The peak RSS is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+from megarlhf.checkpoint.model_shards import CheckpointError
+from megarlhf.convert import hf_to_megarlhf, megarlhf_to_hf, reshard
+
+
+def parse_size(text: str) -> int:
+    """'5GB' / '500MB' / '123' (bytes) -> bytes."""
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
+    text = text.strip().upper()
+    for unit, scale in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * scale)
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--hf-to-megarlhf", nargs=2, metavar=("HF_DIR", "OUT"))
+    mode.add_argument("--megarlhf-to-hf", nargs=2, metavar=("CKPT", "OUT"))
+    mode.add_argument("--reshard", nargs=2, metavar=("CKPT", "OUT"))
+    p.add_argument("--tp", type=int, default=1, help="target tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="target pipeline-parallel size")
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        help="import: cast to this dtype (default: the checkpoint's; fp16 becomes fp32)",
+    )
+    p.add_argument(
+        "--vocab-divisible-by",
+        type=int,
+        help="import: model.make_vocab_size_divisible_by (default 128; padded per TP rank)",
+    )
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        help="import (llama): cap model.max_seq_len below max_position_embeddings (KV cache size)",
+    )
+    p.add_argument(
+        "--max-shard-size", default="5GB", help="export: split model.safetensors above this"
+    )
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        if args.hf_to_megarlhf:
+            overrides = {}
+            if args.dtype:
+                overrides["dtype"] = args.dtype
+            if args.vocab_divisible_by:
+                overrides["make_vocab_size_divisible_by"] = args.vocab_divisible_by
+            if args.max_seq_len:
+                overrides["max_seq_len"] = args.max_seq_len
+            src, out = args.hf_to_megarlhf
+            cfg = hf_to_megarlhf(
+                src, out, tp=args.tp, pp=args.pp, overwrite=args.force, **overrides
+            )
+            what = f"{cfg.family} model, {cfg.num_layers} layers, tp={args.tp} pp={args.pp}"
+        elif args.megarlhf_to_hf:
+            src, out = args.megarlhf_to_hf
+            hf_cfg = megarlhf_to_hf(
+                src, out, overwrite=args.force, max_shard_bytes=parse_size(args.max_shard_size)
+            )
+            what = f"HF {hf_cfg['model_type']} folder"
+        else:
+            src, out = args.reshard
+            cfg = reshard(src, out, tp=args.tp, pp=args.pp, overwrite=args.force)
+            what = f"{cfg.family} model re-sharded to tp={args.tp} pp={args.pp}"
+    except CheckpointError as e:  # ConversionError included
+        print(f"convert_hf: error: {e}", file=sys.stderr)
+        return 1
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    elapsed = time.perf_counter() - start
+    print(f"wrote {Path(out)}: {what} in {elapsed:.1f}s; peak RSS {peak_mib:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
