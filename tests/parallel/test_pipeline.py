@@ -127,6 +127,18 @@ class _Recorder:
         torch.autograd.backward(tensor, grad)
 
 
+class _Stash:
+    """Wraps a stage model and keeps what it returns, to check that outputs are released."""
+
+    def __init__(self, model):
+        self.module, self.outputs = model, []
+
+    def __call__(self, *args, **kwargs):
+        out = self.module(*args, **kwargs)
+        self.outputs.append(out)
+        return out
+
+
 def _full(t, spec, ps):
     return t if spec is None or ps.tp_size == 1 else gather_full(t, ps.tp_group, spec)
 
@@ -150,14 +162,15 @@ def _grad_errors(model, ps, cfg, ref_params) -> tuple[dict, list]:
     return errors, covered
 
 
-def _run_case(ps, cfg, pieces, *, record=False, forward_only=False) -> dict:
+def _run_case(ps, cfg, pieces, *, record=False, stash=False, forward_only=False, fn=None) -> dict:
     """Run the schedule on `pieces` (the micro-batches) and compare with the reference."""
     ref_loss, ref_params, ref_logps = _reference(cfg, pieces)
     model = GPTModel(cfg, ps, seed=7)
     rec = _Recorder(model, ps) if record else None
-    fn = get_forward_backward_func(ps)
+    stash = _Stash(model) if stash else None
+    fn = fn or get_forward_backward_func(ps)
     stats = fn(
-        model=rec or model,
+        model=rec or stash or model,
         micro_batches=pieces,
         loss_fn=_make_loss_fn(cfg.vocab_size, _token_count(pieces), ps.tp_group),
         ps=ps,
@@ -169,6 +182,8 @@ def _run_case(ps, cfg, pieces, *, record=False, forward_only=False) -> dict:
     out["ref_names"] = sorted(ref_params)
     if rec:
         out["events"], out["bad"] = "".join(rec.events), rec.bad
+    if stash:
+        out["output_numels"] = [t.numel() for t in stash.outputs]
     if forward_only:
         out["grads_left"] = [n for n, p in model.named_parameters() if p.grad is not None]
         if ps.is_last_stage:
@@ -203,6 +218,7 @@ def _two_rank_worker(rank, world):
     batch = _global_batch(cfg, seed=2)
     ragged = [{k: v[:2] for k, v in batch.items()}, {k: v[2:, :8] for k, v in batch.items()}]
     res["pp2/llama/ragged"] = _run_case(ps, cfg, ragged)
+    res["pp2/llama/release"] = _run_case(ps, cfg, _split(batch, 1), stash=True)
     dist.barrier()
     return res
 
@@ -288,6 +304,14 @@ def test_pp2_dp2_pipelines_do_not_cross_talk(four_ranks):
     }
 
 
+def test_pp2_outputs_released_after_send(two_ranks):
+    # Default backward: a non-last stage keeps only the graph of what it sent, not its data.
+    _assert_cases(two_ranks, "pp2/llama/release", pp=2)
+    first, last = sorted((r["pp2/llama/release"] for r in two_ranks), key=lambda o: o["stage"])
+    assert first["output_numels"] == [1] * B
+    assert all(n > S for n in last["output_numels"])  # logits are the loss_fn's business
+
+
 def _expected_order(pp: int, stage: int, n: int) -> str:
     warmup = min(pp - stage - 1, n)
     return "F" * warmup + "FB" * (n - warmup) + "B" * warmup
@@ -322,6 +346,9 @@ def test_no_pipelining_matches_reference_and_selector_picks_it():
     out = _run_case(ps, cfg, _split(batch, 2))
     bad = {k: v for k, v in out["errors"].items() if not v <= TOL}
     assert not bad and "loss" in out["errors"], bad
+    direct = _run_case(ps, cfg, _split(batch, 4), fn=forward_backward_pipelining_1f1b)  # pp = 1
+    bad = {k: v for k, v in direct["errors"].items() if not v <= TOL}
+    assert not bad and "loss" in direct["errors"], bad
     fwd = _run_case(ps, cfg, _split(batch, 1), forward_only=True)
     assert not fwd["grads_left"] and len(fwd["errors"]) == B
     assert all(v <= TOL for v in fwd["errors"].values()), fwd["errors"]
