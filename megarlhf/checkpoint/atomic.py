@@ -19,8 +19,8 @@ Save protocol (`save_checkpoint`), for any number of ranks sharing one filesyste
 3. rank 0 checks that all `world_size` markers exist and their files have the listed sizes,
    fsyncs everything, writes `COMPLETE.json` (temp file, fsync, rename), fsyncs the temp dir,
    renames it to `step_N` and fsyncs the root; then writes `latest` (temp file, fsync, rename,
-   fsync root) and deletes checkpoints beyond keep-last-N (rename to `.trash_*`, then delete);
-   barrier.
+   fsync root), removes leftovers of crashed saves and deletes checkpoints beyond keep-last-N
+   (rename to `.trash_*`, then delete); barrier.
 
 A crash of any rank before step 3's rename leaves only a temp dir (a dead rank also stops the
 others at the barrier). A crash after it leaves a complete `step_N` while `latest` still names
@@ -228,6 +228,7 @@ def save_checkpoint(
     if rank == 0:
         _commit(root, tmp, step, world_size, meta)
         write_file_atomic(root / LATEST, (final.name + "\n").encode())
+        _remove_leftovers(root)
         if keep_last > 0:
             prune_checkpoints(root, keep_last, newest=step)
     barrier()
@@ -249,8 +250,8 @@ def prune_checkpoints(root: str | Path, keep_last: int, newest: int) -> list[Pat
     """Keep the `keep_last` newest complete checkpoints up to step `newest`; delete the rest.
 
     Complete checkpoints newer than `newest` belong to a run that was resumed from an earlier
-    checkpoint, so they are deleted too. Stale temp and trash dirs are removed. Incomplete
-    `step_*` dirs (not made by this module) are left alone. Returns the deleted checkpoints.
+    checkpoint, so they are deleted too. Incomplete `step_*` dirs (not made by this module) are
+    left alone. Returns the deleted checkpoints.
     """
     root = Path(root)
     done = list_checkpoints(root)
@@ -259,12 +260,16 @@ def prune_checkpoints(root: str | Path, keep_last: int, newest: int) -> list[Pat
     for p in doomed:
         logger.info("deleting checkpoint %s (keep_last=%d)", p, keep_last)
         _remove_tree(p)
-    for p in root.iterdir():  # leftovers of crashed saves and deletions (none is in flight)
+    return doomed
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Delete temp dirs, trash and pointer temp files of crashed saves (none is in flight)."""
+    for p in root.iterdir():
         if p.name.startswith((TRASH_PREFIX, TMP_PREFIX)):
             shutil.rmtree(p, ignore_errors=True)
         elif p.name.startswith(f".{LATEST}.tmp."):
             p.unlink(missing_ok=True)
-    return doomed
 
 
 # ----------------------------------------------------------------------------- finding
