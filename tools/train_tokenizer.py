@@ -6,7 +6,7 @@ A `.jsonl` input is read as SFT data (`{"prompt","response"}` or `{"messages": [
 each row is rendered with the built-in chat template, so the template's words ("User:",
 "Assistant:") get pieces of their own; any other file is plain text, one sentence per line.
 
-The model suits `megarlhf.data.load_tokenizer(DIR)` and the SFT pipeline: ids 0..3 are
+The model suits `megarlhf.data.tokenizer.load_tokenizer(DIR)` and the SFT pipeline: ids 0..3 are
 `<pad>`, `<unk>`, `<s>` (BOS), `</s>` (EOS); byte fallback makes every string encodable and
 decoding exact; text is not normalized and has no dummy leading space, so segments tokenized
 separately concatenate exactly; "\\n" is a piece; digits are split one per piece. Training runs on
