@@ -142,7 +142,7 @@ def forward_backward_pipelining_1f1b(
     """
     _check_micro_batches(micro_batches)
     n = len(micro_batches)
-    metas = [_activation_meta(model, mb) for mb in micro_batches]
+    metas = [_activation_meta(model, mb) for mb in micro_batches]  # same on every stage
     free_outputs = backward_fn is None
     backward = backward_fn or _default_backward
     stats: list[dict] = []
@@ -269,12 +269,12 @@ def _backward_released(out: torch.Tensor, grad: torch.Tensor) -> None:
     )
 
 
-def _model_config(model):
-    """The ModelConfig of `model` or of the module it wraps (`.module`, as DeepSpeed's engine)."""
+def _stage_module(model):
+    """The GPTModel itself, or the one a wrapper holds as `.module` (DeepSpeed's engine)."""
     m = model
     for _ in range(8):
         if hasattr(m, "cfg"):
-            return m.cfg
+            return m
         if not hasattr(m, "module"):
             break
         m = m.module
@@ -285,10 +285,16 @@ def _model_config(model):
 
 
 def _activation_meta(model, mb: dict) -> TensorMeta:
-    """Shape, dtype, device of the activation between stages for micro-batch `mb`."""
-    cfg = _model_config(model)
+    """Shape, dtype, device of the activation between stages for micro-batch `mb`.
+
+    The dtype is the parameters' (what the stage computes in), not `cfg.dtype`: DeepSpeed's bf16
+    mode casts the module to bf16 while the config may still say fp32.
+    """
+    stage = _stage_module(model)
+    dtype = next((p.dtype for p in stage.parameters() if p.is_floating_point()), None)
     ids = mb["input_ids"]
-    return TensorMeta((ids.shape[0], ids.shape[1], cfg.hidden_size), cfg.torch_dtype, ids.device)
+    shape = (ids.shape[0], ids.shape[1], stage.cfg.hidden_size)
+    return TensorMeta(shape, dtype or stage.cfg.torch_dtype, ids.device)
 
 
 def _check_micro_batches(micro_batches) -> None:
@@ -310,6 +316,6 @@ def _check_activation(out: torch.Tensor, meta: TensorMeta, ps: ParallelState) ->
     if tuple(out.shape) != meta.shape or out.dtype != meta.dtype:
         raise RuntimeError(
             f"pipeline stage {ps.pp_rank} produced {tuple(out.shape)} {out.dtype}, but the next "
-            f"stage expects {meta.shape} {meta.dtype} ([micro_batch, seq, hidden_size], "
-            "model.dtype)"
+            f"stage expects {meta.shape} {meta.dtype} ([micro_batch, seq, hidden_size] in the "
+            "parameters' dtype)"
         )

@@ -205,6 +205,23 @@ def _splits_cases(ps, cfg, batch, tag, splits=SPLITS, record=()) -> dict:
     return res
 
 
+def _bf16_cast_case(ps, cfg, batch) -> dict:
+    """DeepSpeed's bf16 mode: cfg says fp32 but the module was cast to bf16 (loose tolerance)."""
+    pieces = _split(batch, 2)
+    ref_loss, _, _ = _reference(cfg, pieces)
+    model = GPTModel(cfg, ps, seed=7).to(torch.bfloat16)
+    stats = forward_backward_pipelining_1f1b(
+        model=model,
+        micro_batches=pieces,
+        loss_fn=_make_loss_fn(cfg.vocab_size, _token_count(pieces), ps.tp_group),
+        ps=ps,
+    )
+    out = {"no_grad": [n for n, p in model.named_parameters() if p.grad is None]}
+    if ps.is_last_stage:
+        out["loss_rel"] = rel_err(sum(st["loss"] for st in stats), ref_loss)
+    return out
+
+
 def _two_rank_worker(rank, world):
     torch.manual_seed(0)
     ps = build_parallel_state(tp=1, pp=2)
@@ -219,6 +236,7 @@ def _two_rank_worker(rank, world):
     ragged = [{k: v[:2] for k, v in batch.items()}, {k: v[2:, :8] for k, v in batch.items()}]
     res["pp2/llama/ragged"] = _run_case(ps, cfg, ragged)
     res["pp2/llama/release"] = _run_case(ps, cfg, _split(batch, 1), stash=True)
+    res["bf16"] = _bf16_cast_case(ps, cfg, batch)
     dist.barrier()
     return res
 
@@ -310,6 +328,13 @@ def test_pp2_outputs_released_after_send(two_ranks):
     first, last = sorted((r["pp2/llama/release"] for r in two_ranks), key=lambda o: o["stage"])
     assert first["output_numels"] == [1] * B
     assert all(n > S for n in last["output_numels"])  # logits are the loss_fn's business
+
+
+def test_pp2_bf16_module_with_fp32_config(two_ranks):
+    outs = [r["bf16"] for r in two_ranks]
+    assert all(not o["no_grad"] for o in outs), outs
+    losses = [o["loss_rel"] for o in outs if "loss_rel" in o]
+    assert len(losses) == 1 and losses[0] < 2e-2, losses
 
 
 def _expected_order(pp: int, stage: int, n: int) -> str:
