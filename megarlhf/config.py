@@ -69,6 +69,10 @@ class ModelConfig:
     dtype: str = "fp32"
     # Use flash-attn when importable on CUDA (falls back to torch SDPA otherwise).
     use_flash_attn: bool = True
+    # Output head: "lm" (vocab-parallel logits) or "scalar" (reward / value head, per token).
+    head: str = "lm"
+    # Outputs of the scalar head (several for multi-attribute rewards).
+    num_head_outputs: int = 1
 
     def __post_init__(self) -> None:
         _check(self.family in ("gpt2", "llama"), "model.family", f"{self.family!r} not gpt2|llama")
@@ -92,6 +96,8 @@ class ModelConfig:
             else:
                 self.ffn_hidden_size = 256 * ((8 * self.hidden_size // 3 + 255) // 256)
         _check(self.dtype in ("fp32", "bf16"), "model.dtype", f"{self.dtype!r} not fp32|bf16")
+        _check(self.head in ("lm", "scalar"), "model.head", f"{self.head!r} not lm|scalar")
+        _check(self.num_head_outputs >= 1, "model.num_head_outputs", "must be >= 1")
         for k in ("hidden_dropout", "attention_dropout"):
             _check(0.0 <= getattr(self, k) < 1.0, f"model.{k}", "must be in [0, 1)")
 

@@ -7,7 +7,9 @@ A pipeline stage builds only its own layers (`pre_process`: embeddings; `post_pr
 and output layer). Parameter names are global (`layers.{i}` with the global layer index), so a
 stage's state dict can be merged with the others' by name. The output layer is vocab-parallel and
 returns this rank's shard of the logits `[b, s, padded_vocab / tp]`; columns beyond the real
-vocabulary are filled with `finfo(dtype).min` so they carry exactly zero probability.
+vocabulary are filled with `finfo(dtype).min` so they carry exactly zero probability. With
+`head: scalar` the last stage ends in a tensor-parallel scalar head instead (reward model, critic)
+and returns per-token scores `[b, s, num_head_outputs]`.
 
 Simplifications: no sequence parallelism, no interleaved pipeline chunks, no MoE.
 """
@@ -27,7 +29,11 @@ from megarlhf.model.masks import build_attention_mask, positions_from_mask
 from megarlhf.model.rotary import rotary_cos_sin
 from megarlhf.model.transformer import TransformerLayer, make_norm
 from megarlhf.parallel.layers import VocabParallelEmbedding
-from megarlhf.parallel.mappings import copy_to_tensor_parallel_region
+from megarlhf.parallel.mappings import (
+    copy_to_tensor_parallel_region,
+    reduce_from_tensor_parallel_region,
+    scatter_to_tensor_parallel_region,
+)
 from megarlhf.parallel.random import RNGStatesTracker, tensor_parallel_seed
 from megarlhf.parallel.sharding import ShardSpec, balanced_sizes, shard_tensor
 from megarlhf.parallel.state import ParallelState
@@ -65,8 +71,9 @@ def head_split(cfg: ModelConfig, tp: int) -> list[int]:
 
 
 def has_output_weight(cfg: ModelConfig, pre_process: bool, post_process: bool) -> bool:
-    """An `output.weight` exists when untied, or tied but on a last stage without embeddings."""
-    return post_process and (not cfg.tie_embeddings or not pre_process)
+    """An `output.weight` exists for an LM head when untied, or tied but on a last stage without
+    embeddings."""
+    return post_process and cfg.head == "lm" and (not cfg.tie_embeddings or not pre_process)
 
 
 def sharding_plan(cfg: ModelConfig, tp: int) -> dict[str, ShardSpec | None]:
@@ -109,7 +116,12 @@ def sharding_plan(cfg: ModelConfig, tp: int) -> dict[str, ShardSpec | None]:
     plan["final_norm.weight"] = None
     if gpt2:
         plan["final_norm.bias"] = None
-    plan["output.weight"] = vocab
+    if cfg.head == "lm":
+        plan["output.weight"] = vocab
+    else:
+        # Scalar head split along the hidden dim: each rank dots its slice, then a TP sum.
+        plan["head.weight"] = ShardSpec(1, (tuple(balanced_sizes(cfg.hidden_size, tp)),))
+        plan["head.bias"] = None
     return plan
 
 
@@ -123,7 +135,7 @@ def stage_param_names(cfg: ModelConfig, pp: int, pp_rank: int) -> list[str]:
             keep = pre
         elif name.startswith("layers."):
             keep = start <= int(name.split(".")[1]) < end
-        elif name.startswith("final_norm."):
+        elif name.startswith(("final_norm.", "head.")):
             keep = post
         else:  # output.weight
             keep = has_output_weight(cfg, pre, post)
@@ -144,6 +156,10 @@ def init_full_parameter(name: str, shape, cfg: ModelConfig, seed: int) -> torch.
         return torch.ones(shape)
     if name.endswith(".bias"):
         return torch.zeros(shape)
+    if name == "head.weight":
+        # Scalar head: std 1/sqrt(h + 1) keeps initial scores O(1) (as in TRL / OpenRLHF).
+        g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        return torch.randn(shape, generator=g) / (cfg.hidden_size + 1) ** 0.5
     g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
     std = cfg.init_std
     if name.endswith(("attention.proj.weight", "mlp.fc2.weight")):
@@ -183,6 +199,26 @@ class OutputLayer(nn.Module):
     def __init__(self, local_vocab: int, hidden: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(local_vocab, hidden))
+
+
+class ScalarHead(nn.Module):
+    """Tensor-parallel scalar head: `[b, s, h] -> [b, s, num_outputs]`.
+
+    The hidden state is replicated across TP; rank r holds columns `sizes[r]` of the weight, dots
+    its slice of the hidden state, and the partial scores are summed over the TP group. The bias
+    (replicated) is where reward normalization lives.
+    """
+
+    def __init__(self, cfg: ModelConfig, spec: ShardSpec, ps: ParallelState):
+        super().__init__()
+        self.group, self.sizes = ps.tp_group, spec.parts[0]
+        self.weight = nn.Parameter(torch.empty(cfg.num_head_outputs, spec.local_size(ps.tp_rank)))
+        self.bias = nn.Parameter(torch.zeros(cfg.num_head_outputs))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        local = scatter_to_tensor_parallel_region(h, self.group, self.sizes)
+        scores = reduce_from_tensor_parallel_region(F.linear(local, self.weight), self.group)
+        return scores + self.bias
 
 
 class GPTModel(nn.Module):
@@ -232,11 +268,14 @@ class GPTModel(nn.Module):
         local_vocab = self.padded_vocab // tp
         if self.post_process:
             self.final_norm = make_norm(cfg)
+            if cfg.head == "scalar":
+                self.head = ScalarHead(cfg, self.plan["head.weight"], ps)
             if has_output_weight(cfg, self.pre_process, self.post_process):
                 self.output = OutputLayer(local_vocab, cfg.hidden_size)
             # Columns of this rank's logits that lie beyond the real vocabulary.
             ids = torch.arange(local_vocab) + ps.tp_rank * local_vocab
             self.register_buffer("vocab_padding", ids >= cfg.vocab_size, persistent=False)
+            self.has_vocab_padding = bool(self.vocab_padding.any())
         self.reset_parameters(seed)
         self.to(cfg.torch_dtype)
 
@@ -281,7 +320,8 @@ class GPTModel(nn.Module):
             segment_ids: [b, s] packed-sample ids; attention stays within equal ids.
             kv_cache: a KVCache; the new keys/values are appended and attended after the old.
         Returns:
-            logits shard [b, s, padded_vocab / tp] on the last stage, else hidden [b, s, h].
+            On the last stage: the logits shard [b, s, padded_vocab / tp] (head "lm") or scores
+            [b, s, num_head_outputs] (head "scalar"); on other stages hidden [b, s, h].
         """
         ref = input_ids if self.pre_process else hidden_states
         b, s = ref.shape[:2]
@@ -305,6 +345,8 @@ class GPTModel(nn.Module):
             kv_cache.advance(s)
         if not self.post_process:
             return x
+        if self.cfg.head == "scalar":
+            return self.head(self.final_norm(x))
         return self.logits(self.final_norm(x))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -312,7 +354,7 @@ class GPTModel(nn.Module):
         logits = F.linear(
             copy_to_tensor_parallel_region(h, self.ps.tp_group), self.word_embedding_weight()
         )
-        if self.vocab_padding.any():
+        if self.has_vocab_padding:
             logits = logits.masked_fill(self.vocab_padding, torch.finfo(logits.dtype).min)
         return logits
 
