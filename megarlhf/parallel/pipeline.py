@@ -38,7 +38,8 @@ from megarlhf.parallel import p2p
 from megarlhf.parallel.p2p import TensorMeta
 from megarlhf.parallel.state import ParallelState
 
-# loss_fn(logits_shard [mb, s, vocab / tp], micro_batch) -> (loss scalar, stats)
+# loss_fn(last stage output, micro_batch) -> (loss scalar, stats); the output is the logits shard
+# [mb, s, vocab / tp], or the scores [mb, s, k] of a scalar head (reward model, critic)
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor | None, dict]]
 # backward_fn(tensor, grad): (loss, None) on the last stage, (output [mb, s, h], grad) elsewhere
 BackwardFn = Callable[[torch.Tensor, torch.Tensor | None], None]
@@ -126,8 +127,9 @@ def forward_backward_pipelining_1f1b(
         micro_batches: each a dict with `input_ids` [mb, s] and optionally `attention_mask`,
             `position_ids`, `segment_ids` [mb, s] (passed to every stage), `labels` and anything
             else loss_fn reads.
-        loss_fn: `loss_fn(logits_shard [mb, s, vocab / tp], micro_batch) -> (loss, stats)` on the
-            last stage. The loss is a scalar already normalized for the whole global batch (the
+        loss_fn: `loss_fn(output, micro_batch) -> (loss, stats)` on the last stage, where output
+            is what the last stage returns (logits shard [mb, s, vocab / tp], or scalar-head
+            scores). The loss is a scalar already normalized for the whole global batch (the
             schedule sums gradients over micro-batches and never rescales). With forward_only the
             loss may be None and stats carry the outputs (e.g. per-token log-probs).
         ps: the layout (pp group, neighbours, stage).
