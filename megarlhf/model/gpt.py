@@ -390,7 +390,8 @@ class GPTModel(nn.Module):
     def sync_tied_embedding_grads(self) -> None:
         """With pp > 1 and tied embeddings, first and last stage each hold a copy of the word
         embedding: sum their gradients so both copies take the same step."""
-        if self.ps.embedding_group is None or not self.cfg.tie_embeddings:
+        tied = self.cfg.tie_embeddings and self.cfg.head == "lm"  # a scalar head has no copy
+        if self.ps.embedding_group is None or not tied:
             return
         if not (self.pre_process or self.post_process):
             return
