@@ -37,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from megarlhf.config import ConfigError, ModelConfig, from_dict, to_dict
-from megarlhf.model.gpt import padded_vocab_size, sharding_plan, stage_param_names
+from megarlhf.model.gpt import layer_range, padded_vocab_size, sharding_plan, stage_param_names
 from megarlhf.parallel.sharding import ShardSpec, shard_tensor, unshard_tensors
 
 FORMAT_VERSION = 1
@@ -164,6 +164,18 @@ def full_for_rank(
     if name in VOCAB_PARAMS:
         full = pad_vocab(full, padded_vocab)
     return shard_tensor(full, spec, tp_rank)
+
+
+def layout_plan(cfg: ModelConfig, tp: int, pp: int) -> dict[str, ShardSpec | None]:
+    """The model's sharding plan at `tp`, after checking that (tp, pp) can hold this model (e.g.
+    every TP rank needs a key/value head, every stage a layer)."""
+    try:
+        if tp < 1 or pp < 1:
+            raise ValueError(f"tp={tp} and pp={pp} must be >= 1")
+        layer_range(cfg.num_layers, pp, 0)
+        return sharding_plan(cfg, tp)
+    except ValueError as e:
+        raise CheckpointError(f"cannot lay this model out at tp={tp}, pp={pp}: {e}") from None
 
 
 def stage_targets(cfg: ModelConfig, pp: int, pp_rank: int) -> dict[str, str]:
@@ -351,6 +363,7 @@ def save_model_shard(
     Returns:
         The path of the rank file.
     """
+    plan = layout_plan(cfg, tp, pp)
     expected = stage_targets(cfg, pp, pp_rank)
     names = set(state_dict)
     if names != set(expected):
@@ -358,7 +371,6 @@ def save_model_shard(
             f"state dict of tp {tp_rank}/{tp}, pp {pp_rank}/{pp} does not match the model: missing "
             f"{sorted(set(expected) - names)[:5]}, unexpected {sorted(names - set(expected))[:5]}"
         )
-    plan = sharding_plan(cfg, tp)
     tensors = {}
     for name in expected:
         t = state_dict[name]
@@ -515,7 +527,7 @@ def load_model_shard(
                 f"(the optimizer state is not re-sharded)"
             )
     cfg = meta.model
-    plan = sharding_plan(cfg, tp)
+    plan = layout_plan(cfg, tp, pp)
     vp = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp)
     out = {}
     with ModelShardsReader(ckpt_dir) as reader:
@@ -545,7 +557,7 @@ class ModelShardsWriter:
 
     def __init__(self, ckpt_dir, cfg: ModelConfig, tp: int, pp: int, infos: Mapping):
         self.ckpt_dir, self.cfg, self.tp, self.pp = Path(ckpt_dir), cfg, tp, pp
-        self._plan = sharding_plan(cfg, tp)
+        self._plan = layout_plan(cfg, tp, pp)
         self._vp = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp)
         (self.ckpt_dir / MODEL_SUBDIR).mkdir(parents=True, exist_ok=True)
         self._writers: list[SafetensorsStreamWriter] = []

@@ -132,3 +132,17 @@ def test_cli_modes_and_exit_code(hf_models, tmp_path, capsys):
     assert proc.returncode == 1, proc.stderr
     assert "convert_hf: error: " in proc.stderr and "model_type 'bert'" in proc.stderr
     _assert_nothing_written(tmp_path / "o")
+
+
+@pytest.mark.parametrize(
+    "tp, pp, message",
+    [(4, 1, r"tp=4 exceeds model.num_kv_heads=2"), (1, 4, r"pp=4 exceeds model.num_layers=3")],
+)
+def test_impossible_layout(hf_models, converted, tmp_path, tp, pp, message):
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match=rf"cannot lay this model out.*{message}"):
+        hf_to_megarlhf(hf_models["llama_gqa_tied"], out, tp=tp, pp=pp)
+    _assert_nothing_written(out)
+    with pytest.raises(CheckpointError, match=message):
+        reshard(converted["llama_gqa_tied"][(1, 1)], out, tp=tp, pp=pp)
+    _assert_nothing_written(out)
