@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 # Threads must be fixed before torch starts its pools; megarlhf.utils.threads imports torch
@@ -91,6 +92,10 @@ def _fault_hooks(rank: int):
 def main(argv=None) -> int:
     args = parse_args(argv)
     set_threads_per_rank()
+    # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 deprecates, once per bucket.
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
+    )
     import torch.distributed as dist
 
     from megarlhf.config import load_config

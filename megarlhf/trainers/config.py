@@ -8,6 +8,7 @@ sequence length against the model, ZeRO-3 against the pipeline size) live in `SF
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from megarlhf.config import ConfigError, ModelConfig, ParallelConfig
@@ -102,8 +103,11 @@ class SFTConfig:
     # Rows per micro-batch on each data-parallel rank.
     micro_batch_size: int = 4
     # Micro-batches per optimizer step on each data-parallel rank (gradient accumulation). The
-    # global batch is micro_batch_size * grad_accum * dp rows.
+    # global batch is micro_batch_size * grad_accum * dp rows. Ignored when global_batch_size > 0.
     grad_accum: int = 1
+    # Rows per optimizer step over all data-parallel ranks; when > 0 it sets grad_accum =
+    # global_batch_size / (micro_batch_size * dp), so one config trains the same at any DP size.
+    global_batch_size: int = 0
     # Optimizer steps to train; 0 means sft.epochs full epochs.
     max_steps: int = 0
     # Epochs to train when sft.max_steps is 0.
@@ -122,6 +126,7 @@ class SFTConfig:
     def __post_init__(self) -> None:
         for k in ("micro_batch_size", "grad_accum", "epochs"):
             _check(getattr(self, k) >= 1, f"sft.{k}", f"must be >= 1, got {getattr(self, k)}")
+        _check(self.global_batch_size >= 0, "sft.global_batch_size", "must be >= 0 (0: off)")
         _check(self.max_steps >= 0, "sft.max_steps", "must be >= 0 (0: use sft.epochs)")
         _check(self.seed >= 0, "sft.seed", "must be >= 0")
         _check(self.eval_every >= 0, "sft.eval_every", "must be >= 0")
@@ -195,6 +200,22 @@ class SFTRunConfig:
             f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
         )
         check_supported(self.deepspeed.zero_stage, self.parallel.pp)
+
+
+def resolve_batch(cfg: SFTRunConfig, dp_size: int) -> SFTRunConfig:
+    """The config with sft.grad_accum derived from sft.global_batch_size for this DP size."""
+    s = cfg.sft
+    if s.global_batch_size == 0:
+        return cfg
+    per_step = s.micro_batch_size * dp_size
+    _check(
+        s.global_batch_size % per_step == 0,
+        "sft.global_batch_size",
+        f"{s.global_batch_size} is not a multiple of sft.micro_batch_size * dp = "
+        f"{s.micro_batch_size} * {dp_size}",
+    )
+    sft = dataclasses.replace(s, grad_accum=s.global_batch_size // per_step)
+    return dataclasses.replace(cfg, sft=sft)
 
 
 def check_supported(zero_stage: int, pp: int) -> None:

@@ -270,7 +270,7 @@ class TrainEngine:
         import deepspeed
 
         check_engine_supported(cfg)
-        self.cfg, self.ps, self.model = cfg, ps, model
+        self.run_cfg, self.ps, self.model = cfg, ps, model
         self.zero_stage = cfg.deepspeed.zero_stage
         mark_parallel_parameters(model)
         if self.zero_stage == 3 and cfg.model.tie_embeddings and model.post_process:
@@ -312,6 +312,9 @@ class TrainEngine:
             raise RuntimeError("begin_step called twice without step()")
         self._num_micro, self._backwards = num_micro_batches, 0
         if self._coalesce:
+            # The block restores on exit the boundary flag it found on entry, and step() must
+            # then see a boundary.
+            self.engine.set_gradient_accumulation_boundary(True)
             self._ctx = self.engine.coalesce_grad_reduction()
             self._ctx.__enter__()
         else:
@@ -380,7 +383,7 @@ class TrainEngine:
         if self.ps.mp_group is not None:
             dist.all_reduce(total, group=self.ps.mp_group)
         norm = float(total.sqrt())
-        clip = self.cfg.optim.clip_grad
+        clip = self.run_cfg.optim.clip_grad
         if clip > 0 and norm > clip:
             coef = clip / (norm + 1e-6)
             for p in self.module.parameters():

@@ -38,7 +38,7 @@ from megarlhf.parallel.pipeline import get_forward_backward_func
 from megarlhf.parallel.random import default_seed
 from megarlhf.parallel.state import ParallelState
 from megarlhf.trainers import checkpointing as ckpt
-from megarlhf.trainers.config import SFTRunConfig
+from megarlhf.trainers.config import SFTRunConfig, resolve_batch
 from megarlhf.trainers.engine import TrainEngine
 from megarlhf.utils.metrics import MetricsLogger
 from megarlhf.utils.progress import Progress
@@ -104,7 +104,7 @@ class SFTTrainer:
     """Supervised fine-tuning of one run (one output directory).
 
     Args:
-        cfg: the resolved run config.
+        cfg: the run config (sft.global_batch_size is resolved here for this DP size).
         ps: this rank's layout (process groups already built).
         output_dir: where metrics, TensorBoard files, config and checkpoints go.
         hooks: optional callbacks.
@@ -117,7 +117,7 @@ class SFTTrainer:
         output_dir: str | Path,
         hooks: TrainerHooks | None = None,
     ):
-        self.cfg, self.ps = cfg, ps
+        self.cfg, self.ps = resolve_batch(cfg, ps.dp_size), ps
         self.output_dir = Path(output_dir)
         self.ckpt_root = self.output_dir / ckpt.CHECKPOINTS_DIR
         self.hooks = hooks or TrainerHooks()
