@@ -140,3 +140,20 @@ def test_sharded_hf_output_and_bin_input(hf_models, converted, tmp_path):
         files, orig = _rank_files(ckpt), _rank_files(converted[name][(2, 2)])
         for rank in orig:
             _assert_same_tensors(files[rank], orig[rank], f"{ckpt} rank {rank}")
+
+
+def test_bf16_checkpoint_stays_bf16_and_bitwise(hf_models, tmp_path):
+    from safetensors.torch import save_file
+
+    src = hf_models["gpt2"]
+    bf16 = tmp_path / "bf16"
+    bf16.mkdir()
+    cfg = json.loads((src / "config.json").read_text()) | {"dtype": "bfloat16"}
+    (bf16 / "config.json").write_text(json.dumps(cfg))
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(src / "model.safetensors").items()}
+    save_file(tensors, bf16 / "model.safetensors", metadata={"format": "pt"})
+    hf_to_megarlhf(bf16, tmp_path / "ckpt", tp=2, pp=2)
+    assert read_meta(tmp_path / "ckpt").model.dtype == "bf16"
+    megarlhf_to_hf(tmp_path / "ckpt", tmp_path / "out")
+    _assert_same_tensors(load_file(tmp_path / "out" / "model.safetensors"), tensors, "bf16")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
