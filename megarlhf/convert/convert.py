@@ -41,7 +41,7 @@ from megarlhf.convert.hf_config import (
 from megarlhf.convert.hf_io import HFWeights, HFWeightsWriter, copy_tokenizer_files, read_hf_config
 from megarlhf.convert.tables import (
     TABLES,
-    Mapping,
+    KeyMapping,
     detect_prefix,
     expand,
     hf_part_shape,
@@ -81,7 +81,7 @@ def staged_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
 
 
 def _check_hf_tensors(
-    weights: HFWeights, mappings: list[Mapping], cfg: ModelConfig, hf_cfg: dict, table
+    weights: HFWeights, mappings: list[KeyMapping], cfg: ModelConfig, hf_cfg: dict, table
 ) -> None:
     """Check names and shapes against the config before anything is written."""
     names = weights.names()

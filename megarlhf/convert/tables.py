@@ -23,6 +23,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from megarlhf.config import ModelConfig
 from megarlhf.convert.hf_config import ConversionError
 
@@ -56,7 +58,7 @@ class FamilyTable:
 
 
 @dataclass(frozen=True)
-class Mapping:
+class KeyMapping:
     """A table row for one layer (names resolved)."""
 
     ours: str
@@ -195,7 +197,7 @@ def detect_prefix(table: FamilyTable, hf_names: set[str], where: str) -> str:
     raise ConversionError(f"{where}: missing key {tried[0]} (no {' or '.join(tried)} found)")
 
 
-def expand(table: FamilyTable, cfg: ModelConfig, prefix: str) -> list[Mapping]:
+def expand(table: FamilyTable, cfg: ModelConfig, prefix: str) -> list[KeyMapping]:
     """The table's rows for every layer of `cfg`, in model order (embedding, layers, head)."""
     out = []
     for row in table.rows:
@@ -209,7 +211,7 @@ def expand(table: FamilyTable, cfg: ModelConfig, prefix: str) -> list[Mapping]:
             )
         for i in layers:
             out.append(
-                Mapping(
+                KeyMapping(
                     ours=row.ours.format(i=i),
                     hf=tuple(h.format(p=prefix, i=i) for h in row.hf),
                     shape=row.shape(cfg),
@@ -235,7 +237,7 @@ def is_ignored(table: FamilyTable, hf_name: str) -> bool:
 # ----------------------------------------------------------------------------- transforms
 
 
-def hf_part_shape(mapping: Mapping, part: int) -> Shape:
+def hf_part_shape(mapping: KeyMapping, part: int) -> Shape:
     """Shape of HF tensor `mapping.hf[part]` implied by our full shape."""
     shape = list(mapping.shape)
     if mapping.split is not None:
@@ -245,16 +247,14 @@ def hf_part_shape(mapping: Mapping, part: int) -> Shape:
     return tuple(shape)
 
 
-def to_ours(mapping: Mapping, hf_tensors: list):
+def to_ours(mapping: KeyMapping, hf_tensors: list[torch.Tensor]) -> torch.Tensor:
     """Our full tensor from its HF parts (transpose Conv1D, fuse along dim 0)."""
-    import torch
-
     parts = [t.t() if mapping.transform == "conv1d" else t for t in hf_tensors]
     full = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     return full.contiguous()
 
 
-def to_hf(mapping: Mapping, full) -> list:
+def to_hf(mapping: KeyMapping, full: torch.Tensor) -> list[torch.Tensor]:
     """The HF tensors of our full tensor (inverse of `to_ours`)."""
     parts = list(full.split(list(mapping.split), dim=0)) if mapping.split else [full]
     return [(p.t() if mapping.transform == "conv1d" else p).contiguous() for p in parts]
