@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
-_CHUNK_BYTES = 8 << 20
+_CHUNK_BYTES = 2 << 20  # fits in L3 next to its temporaries; ~256 chunks for 500 MiB of logits
 
 
 def _row_chunks(x3: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
