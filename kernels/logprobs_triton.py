@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 from megarlhf.kernels._dispatch import triton_interpreting
 
-_NEG_CLAMP = -200.0
+# Globals read inside @triton.jit must be constexpr (triton >= 3 refuses plain globals).
+_NEG_CLAMP = tl.constexpr(-200.0)
 
 
 # Forward: reads N * V * b bytes of logits (b = 2 for bf16/fp16, 4 for fp32) plus 8 N of labels,
