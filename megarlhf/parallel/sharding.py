@@ -94,3 +94,26 @@ def unshard_tensors(shards: list[torch.Tensor], spec: ShardSpec | None) -> torch
             per_part[i].append(shard.narrow(spec.dim, offset, part[r]))
             offset += part[r]
     return torch.cat([t for part in per_part for t in part], dim=spec.dim).contiguous()
+
+
+def all_gather_full(local: torch.Tensor, spec: ShardSpec | None, group) -> torch.Tensor:
+    """Rebuild the full tensor from every TP rank's shard (collective over `group`).
+
+    Shards may be uneven; they are padded to the largest along `spec.dim` for the all-gather (which
+    needs equal sizes) and trimmed before `unshard_tensors`. Replicated tensors (spec None) and
+    single-rank groups return a copy of `local`.
+    """
+    import torch.distributed as dist
+
+    if spec is None or group is None:
+        return local.clone() if spec is None else unshard_tensors([local], spec)
+    sizes = [spec.local_size(r) for r in range(spec.tp_size)]
+    padded_shape = list(local.shape)
+    padded_shape[spec.dim] = max(sizes)
+    padded = local.new_zeros(padded_shape)
+    padded.narrow(spec.dim, 0, local.shape[spec.dim]).copy_(local)
+    outs = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(outs, padded, group=group)
+    return unshard_tensors(
+        [o.narrow(spec.dim, 0, s) for o, s in zip(outs, sizes, strict=True)], spec
+    )

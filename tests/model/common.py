@@ -4,7 +4,7 @@ import torch
 
 from megarlhf.config import ModelConfig
 from megarlhf.model.gpt import GPTModel
-from megarlhf.parallel.sharding import unshard_tensors
+from megarlhf.parallel.sharding import all_gather_full
 from megarlhf.parallel.state import single_process_state
 
 
@@ -32,25 +32,7 @@ def reference_model(cfg: ModelConfig, seed: int = 7) -> GPTModel:
 
 def gather_full(shard: torch.Tensor, group, spec) -> torch.Tensor:
     """All-gather a TP shard (possibly uneven along spec.dim) and rebuild the full tensor."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size(group)
-    sizes = [spec.local_size(r) for r in range(world)]
-    shape = list(shard.shape)
-    bufs = []
-    for s in sizes:
-        shape[spec.dim] = s
-        bufs.append(shard.new_empty(shape))
-    # all_gather needs equal sizes: pad to the largest, then trim.
-    big = max(sizes)
-    pad_shape = list(shard.shape)
-    pad_shape[spec.dim] = big
-    padded = shard.new_zeros(pad_shape)
-    padded.narrow(spec.dim, 0, shard.shape[spec.dim]).copy_(shard)
-    outs = [shard.new_empty(pad_shape) for _ in sizes]
-    dist.all_gather(outs, padded.contiguous(), group=group)
-    parts = [o.narrow(spec.dim, 0, s) for o, s in zip(outs, sizes, strict=True)]
-    return unshard_tensors(parts, spec)
+    return all_gather_full(shard, spec, group)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,0 +1,1 @@
+"""Hybrid engine: re-sharding between the training and generation layouts, rollouts."""
