@@ -62,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     # The deepspeed launcher passes --local_rank; LOCAL_RANK in the environment says the same.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
-    return p.parse_args(argv)
+    # Overrides may come before, between or after the options.
+    return p.parse_intermixed_args(argv)
 
 
 def _fault_hooks(rank: int):

@@ -58,8 +58,10 @@ def train(
     nproc: int = 1,
     fault: str | None = None,
     timeout: float = 240,
+    extra_args: list[str] | None = None,
 ) -> subprocess.CompletedProcess:
     cmd = command(launcher, nproc) + ["--config", TINY, "--output-dir", str(out), *QUIET]
+    cmd += extra_args or []
     extra = {"MEGARLHF_FAULT": fault} if fault else {}
     return subprocess.run(
         cmd + overrides,
@@ -112,3 +114,30 @@ def kill_when(proc: subprocess.Popen, out: Path, step: int, timeout: float = 180
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     return seen
+
+
+def first_batch_loss(weights: dict[str, torch.Tensor], overrides: list[str]) -> float:
+    """Token-mean loss of full `weights` on the run's first global batch, in plain torch."""
+    from megarlhf.config import load_config
+    from megarlhf.data.loader import build_sft_loader
+    from megarlhf.data.tokenizer import load_tokenizer
+    from megarlhf.model.gpt import GPTModel
+    from megarlhf.parallel.state import single_process_state
+    from megarlhf.trainers.config import SFTRunConfig
+
+    cfg = load_config(SFTRunConfig, TINY, overrides)
+    cfg.data.train_files = [str(ROOT / f) for f in cfg.data.train_files]
+    tok = load_tokenizer(ROOT / cfg.data.tokenizer)
+    rows = cfg.sft.global_batch_size
+    loader = build_sft_loader(cfg.data, tok, micro_batch_size=rows, grad_accum=1, dp_rank=0,
+                              dp_size=1)  # fmt: skip
+    model = GPTModel(cfg.model, single_process_state(), seed=0)
+    model.load_state_dict(weights, strict=True)
+    (mb,) = loader.next_step()
+    with torch.no_grad():
+        logits = model(mb["input_ids"], position_ids=mb["position_ids"],
+                       segment_ids=mb["segment_ids"])  # fmt: skip
+        v = cfg.model.vocab_size
+        return torch.nn.functional.cross_entropy(
+            logits[..., :v].flatten(0, 1), mb["labels"].flatten(), ignore_index=-100
+        ).item()

@@ -9,7 +9,8 @@ checked against an independent plain-torch loop (AdamW, clip_grad_norm_, the sam
 * micro-batch x accumulation combinations (8x1, 4x2, 2x4, and 2x2 per rank at DP=2) agree;
 * the global gradient norm at TP=2 and at PP=2 (ZeRO 0, 1, 2; tied embeddings) equals TP=1's, and
   clipping is active in these runs (norm > optim.clip_grad);
-* the held-out loss is the same at DP=1 and DP=2.
+* the held-out loss is the same at DP=1 and DP=2;
+* bf16 (DeepSpeed bf16, fp32 master weights) follows the fp32 run to bf16 precision.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ TWO_RANKS = {
                "parallel.pp=2"],
     "z0_pp2": ["deepspeed.zero_stage=0", "sft.micro_batch_size=4", "sft.grad_accum=2",
                "parallel.pp=2"],
+    "bf16_z2_dp2": ["deepspeed.zero_stage=2", "sft.micro_batch_size=4", "sft.grad_accum=1",
+                    "model.dtype=bf16"],
 }  # fmt: skip
 # fp32, 3 Adam steps: summation order changes the last bits of each gradient, and Adam's
 # normalized update turns a relative gradient error e into about lr * e per step.
@@ -183,3 +186,28 @@ def test_eval_loss_is_layout_independent(runs):
     assert ref["eval_tokens"] == dp2["eval_tokens"] > 0
     assert ref["eval_loss"] == pytest.approx(dp2["eval_loss"], rel=1e-5)
     assert "eval_loss" not in runs[REFERENCE]["metrics"][0]  # only after the last step
+
+
+def test_bf16_follows_fp32(runs):
+    bf16, ref = runs["bf16_z2_dp2"], runs[REFERENCE]
+    for key, rtol in (("loss", 1e-2), ("grad_norm", 5e-2)):
+        got = torch.tensor([r[key] for r in bf16["metrics"]])
+        want = torch.tensor([r[key] for r in ref["metrics"]])
+        torch.testing.assert_close(got, want, rtol=rtol, atol=0, msg=key)
+    w = bf16["weights"]["layers.0.mlp.fc1.weight"]
+    assert w.dtype == torch.bfloat16
+    # Moved like the fp32 run: 3 steps of ~lr each, against differences at bf16 resolution.
+    moved = (ref["weights"]["layers.0.mlp.fc1.weight"] - _init("layers.0.mlp.fc1.weight")).abs()
+    err = (w.float() - ref["weights"]["layers.0.mlp.fc1.weight"]).abs()
+    assert float(err.mean()) < 0.2 * float(moved.mean())
+
+
+def _init(name: str) -> torch.Tensor:
+    from megarlhf.config import load_config
+    from megarlhf.model.gpt import GPTModel
+    from megarlhf.parallel.state import single_process_state
+    from megarlhf.trainers.config import SFTRunConfig
+
+    cfg = load_config(SFTRunConfig, TINY, BASE)
+    model = GPTModel(cfg.model, single_process_state(), seed=cfg.sft.seed)
+    return dict(model.named_parameters())[name].detach()

@@ -32,6 +32,7 @@ from tests.trainers.common import (
     command,
     env,
     final_weights,
+    first_batch_loss,
     free_port,
     kill_when,
     metrics,
@@ -146,6 +147,18 @@ def test_resume_with_another_tp_is_refused(torchrun_ref, tmp_path):
     assert "saved at tp=1, pp=1 but this run uses tp=2, pp=1" in proc.stderr
     assert "tools/convert_hf.py --reshard" in proc.stderr
     assert [s for s, _ in atomic.list_checkpoints(out / "checkpoints")] == [9, 12]
+
+
+def test_init_from_loads_weights_at_another_layout(torchrun_ref, tmp_path):
+    """checkpoint.init_from re-shards a DP=2 (tp=1, pp=1) checkpoint onto PP=2: the first step's
+    loss is that of the source weights on the first batch, computed here in plain torch."""
+    src = atomic.find_latest(torchrun_ref / "checkpoints")
+    overrides = ["sft.max_steps=1", "checkpoint.save_final=false", "parallel.pp=2"]
+    check(train(tmp_path, overrides, "torchrun", 2, extra_args=["--init-from", str(src)]))
+    (rec,) = metrics(tmp_path)
+    want = first_batch_loss(final_weights(torchrun_ref), overrides)
+    assert rec["loss"] == pytest.approx(want, rel=1e-5)
+    assert rec["loss"] < metrics(torchrun_ref)[0]["loss"] - 0.5  # trained, not a fresh init
 
 
 def test_sigkill_exactly_at_epoch_boundary_then_resume_is_bitwise(plain_ref, tmp_path):
