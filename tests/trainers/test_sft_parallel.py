@@ -5,10 +5,10 @@ config; the test process then compares what they wrote (metrics.jsonl, final che
 any layout) against the 1-rank ZeRO-1 run with micro-batch 4 x accumulation 2, which is itself
 checked against an independent plain-torch loop (AdamW, clip_grad_norm_, the same LR schedule):
 
-* ZeRO-1/2/3 with DP=2 equal DP=1 for the same global batch (fp32 reduction-order tolerance);
+* ZeRO-0/1/2/3 with DP=2 equal DP=1 for the same global batch (fp32 reduction-order tolerance);
 * micro-batch x accumulation combinations (8x1, 4x2, 2x4, and 2x2 per rank at DP=2) agree;
 * the global gradient norm at TP=2 and at PP=2 (ZeRO 0, 1, 2; tied embeddings) equals TP=1's, and
-  clipping is active in these runs (norm > optim.clip_grad);
+  clipping is active in these runs (norm > optim.clip_grad); untied PP=2 with ZeRO-2 too;
 * the held-out loss is the same at DP=1 and DP=2;
 * bf16 (DeepSpeed bf16, fp32 master weights) follows the fp32 run to bf16 precision.
 """
@@ -42,8 +42,11 @@ ONE_RANK = {
     "z1_mb8_ga1": ["deepspeed.zero_stage=1", "sft.micro_batch_size=8", "sft.grad_accum=1"],
     "z1_mb2_ga4": ["deepspeed.zero_stage=1", "sft.micro_batch_size=2", "sft.grad_accum=4"],
     "z0_mb4_ga2": ["deepspeed.zero_stage=0", "sft.micro_batch_size=4", "sft.grad_accum=2"],
-}
+    "untied_ref": ["deepspeed.zero_stage=1", "sft.micro_batch_size=4", "sft.grad_accum=2",
+                   "model.tie_embeddings=false"],
+}  # fmt: skip
 TWO_RANKS = {
+    "z0_dp2": ["deepspeed.zero_stage=0", "sft.micro_batch_size=2", "sft.grad_accum=2"],
     "z1_dp2": ["deepspeed.zero_stage=1", "sft.micro_batch_size=2", "sft.grad_accum=2", *EVAL],
     "z2_dp2": ["deepspeed.zero_stage=2", "sft.micro_batch_size=4", "sft.grad_accum=1"],
     "z3_dp2": ["deepspeed.zero_stage=3", "sft.micro_batch_size=2", "sft.grad_accum=2"],
@@ -55,6 +58,8 @@ TWO_RANKS = {
                "parallel.pp=2"],
     "z0_pp2": ["deepspeed.zero_stage=0", "sft.micro_batch_size=4", "sft.grad_accum=2",
                "parallel.pp=2"],
+    "untied_z2_pp2": ["deepspeed.zero_stage=2", "sft.micro_batch_size=2", "sft.grad_accum=4",
+                      "parallel.pp=2", "model.tie_embeddings=false"],
     "bf16_z2_dp2": ["deepspeed.zero_stage=2", "sft.micro_batch_size=4", "sft.grad_accum=1",
                     "model.dtype=bf16"],
 }  # fmt: skip
@@ -165,7 +170,7 @@ def test_reference_run_equals_plain_torch(runs):
         torch.testing.assert_close(ref["weights"][name], w, rtol=RTOL, atol=ATOL, msg=name)
 
 
-@pytest.mark.parametrize("name", ["z1_dp2", "z2_dp2", "z3_dp2"])
+@pytest.mark.parametrize("name", ["z0_dp2", "z1_dp2", "z2_dp2", "z3_dp2"])
 def test_zero_data_parallel_equals_single_rank(runs, name):
     _assert_same_training(runs[name], runs[REFERENCE])
 
@@ -179,6 +184,11 @@ def test_micro_batch_times_accumulation_gives_the_same_update(runs, name):
 def test_global_grad_norm_and_update_across_model_parallel_layouts(runs, name):
     """TP=2 and PP=2 (tied embeddings) clip by the norm of the whole model, as TP=1 does."""
     _assert_same_training(runs[name], runs[REFERENCE])
+
+
+def test_untied_pipeline_with_zero2_equals_single_rank(runs):
+    """Untied: ZeRO-2 keeps its per-micro-batch gradient reduction under the 1F1B schedule."""
+    _assert_same_training(runs["untied_z2_pp2"], runs["untied_ref"])
 
 
 def test_eval_loss_is_layout_independent(runs):
