@@ -85,7 +85,7 @@ def gae(
         )
     r = rewards.detach().float().contiguous()
     v = values.detach().float().contiguous()
-    valid = (mask != 0).contiguous()
+    valid = (mask if mask.dtype == torch.bool else mask != 0).contiguous()
     name = select_backend(r.device, backend)
     if name == "cpp":
         return tuple(torch.ops.megarlhf.gae(r, v, valid, float(gamma), float(lam)))

@@ -192,7 +192,7 @@ def logprobs_from_logits(
         raise ValueError(f"ref_logprobs {tuple(ref_logprobs.shape)} must match labels")
     name = select_backend(logits.device, backend)
     if name == "cpp" and logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        name = "torch"  # fp64 and others: the torch path computes in fp64
+        name = "torch"  # fp64: the torch path does the per-chunk math in fp64 (fp32 outputs)
     V = logits.shape[-1]
     rank = 0 if tp_group is None else dist.get_rank(tp_group)
     lab, keep = local_labels(labels, rank * V, V, ignore_index)
