@@ -201,6 +201,11 @@ class SFTRunConfig:
         )
         check_supported(self.deepspeed.zero_stage, self.parallel.pp)
 
+    # The loop section under its stage-independent name (the engine and shared loop read it).
+    @property
+    def loop(self) -> SFTConfig:
+        return self.sft
+
 
 def resolve_batch(cfg: SFTRunConfig, dp_size: int) -> SFTRunConfig:
     """The config with sft.grad_accum derived from sft.global_batch_size for this DP size."""

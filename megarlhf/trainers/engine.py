@@ -207,8 +207,12 @@ def build_scheduler(optimizer, cfg: SFTRunConfig, total_steps: int):
 
 
 def deepspeed_config(cfg: SFTRunConfig, dp_size: int) -> dict:
-    """The DeepSpeed config dict for this run (batch sizes, ZeRO, precision, clipping)."""
-    d, s = cfg.deepspeed, cfg.sft
+    """The DeepSpeed config dict for this run (batch sizes, ZeRO, precision, clipping).
+
+    `cfg` is any stage's run config (SFTRunConfig, RMRunConfig): the batch shape comes from its
+    loop section `cfg.loop` (DeepSpeed only books it; our schedule decides what a micro-batch is).
+    """
+    d, s = cfg.deepspeed, cfg.loop
     stage = d.zero_stage
     zero: dict = {
         "stage": stage,
