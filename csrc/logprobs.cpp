@@ -27,6 +27,10 @@ namespace megarlhf {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Rows are handed out in small dynamic batches rather than one static slice per thread: on a busy
+// machine a descheduled thread would otherwise hold the whole call up for its time slice; this way
+// the running threads take its rows and it only owes the batch it is in.
+constexpr int64_t kRowsPerTask = 16;
 
 // Rows of a [B, T, V] view with unit stride along V: row n = b * T + t.
 struct RowView {
@@ -68,7 +72,7 @@ void fwd_rows(const at::Tensor& logits, const int64_t* labels, float inv_temp, b
 #pragma omp parallel num_threads(nt)
   {
     std::vector<float> buf(std::is_same_v<T, float> ? 0 : rv.V);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, kRowsPerTask)
     for (int64_t n = 0; n < N; ++n) {
       const float* x = row_as_float(base, rv, n, buf.data());
       float xmax = kNegInf;
@@ -150,7 +154,7 @@ void bwd_rows(const at::Tensor& logits, const int64_t* labels, const float* lse,
   {
     std::vector<float> buf(std::is_same_v<T, float> ? 0 : V);
     std::vector<float> gbuf(std::is_same_v<T, float> ? 0 : V);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, kRowsPerTask)
     for (int64_t n = 0; n < N; ++n) {
       T* out = grad + n * V;
       float* g = std::is_same_v<T, float> ? reinterpret_cast<float*>(out) : gbuf.data();
