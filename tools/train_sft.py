@@ -10,7 +10,7 @@
 
 Dotted overrides follow the options: `optim.lr=1e-4 parallel.tp=2 deepspeed.zero_stage=2`.
 A run resumes automatically from `<output-dir>/checkpoints` when it holds a complete checkpoint
-(`checkpoint.resume=auto`); `--resume` insists on one, `--resume PATH` picks a step directory.
+(`checkpoint.resume=auto`); `--resume` insists on one, `--resume-from PATH` picks a step directory.
 See docs/sft.md for the support matrix and the output layout.
 """
 
@@ -45,12 +45,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-dir", required=True, help="metrics, TensorBoard, config, checkpoints")
     p.add_argument(
         "--resume",
-        nargs="?",
-        const="latest",
+        action="store_true",
+        help="resume from the latest complete checkpoint of --output-dir, failing if there is "
+        "none (without it a run resumes when it can: checkpoint.resume=auto)",
+    )
+    p.add_argument(
+        "--resume-from",
         default=None,
         metavar="PATH",
-        help="resume from the latest checkpoint of --output-dir (fail if none), or from PATH "
-        "(a step_N directory); sets checkpoint.resume",
+        help="resume from this checkpoint directory (a step_N dir); sets checkpoint.resume",
     )
     p.add_argument(
         "--init-from",
@@ -99,20 +102,32 @@ def main(argv=None) -> int:
     )
     import torch.distributed as dist
 
-    from megarlhf.config import load_config
+    from megarlhf.checkpoint.atomic import CheckpointDirError
+    from megarlhf.config import ConfigError, load_config
+    from megarlhf.data.sft import DataError
+    from megarlhf.data.tokenizer import TokenizerError
     from megarlhf.parallel.state import build_parallel_state, init_distributed, shutdown_distributed
+    from megarlhf.trainers.checkpointing import ResumeError
     from megarlhf.trainers.config import SFTRunConfig
     from megarlhf.trainers.engine import check_engine_supported
     from megarlhf.trainers.sft import SFTTrainer
     from megarlhf.utils.logsetup import setup_logging
 
+    USER_ERRORS = (ConfigError, DataError, TokenizerError, ResumeError, CheckpointDirError)
+
     overrides = list(args.overrides)
-    if args.resume is not None:
-        overrides.append(f"checkpoint.resume={args.resume}")
+    if args.resume_from is not None:
+        overrides.append(f"checkpoint.resume={args.resume_from}")
+    elif args.resume:
+        overrides.append("checkpoint.resume=latest")
     if args.init_from is not None:
         overrides.append(f"checkpoint.init_from={args.init_from}")
-    cfg = load_config(SFTRunConfig, args.config, overrides)
-    check_engine_supported(cfg)  # refuse before any process starts waiting on another
+    try:
+        cfg = load_config(SFTRunConfig, args.config, overrides)
+        check_engine_supported(cfg)  # refuse before any process starts waiting on another
+    except ValueError as e:  # ConfigError: the message names the key
+        print(f"train_sft.py: error: {e}", file=sys.stderr)
+        return 2
 
     store_dir = None
     if "RANK" in os.environ:
@@ -136,6 +151,10 @@ def main(argv=None) -> int:
         # Every rank ends with a barrier and destroy_process_group (else one may abort at exit).
         # After an error there is no barrier: the launcher tears the other ranks down.
         shutdown_distributed()
+    except USER_ERRORS as e:
+        # Bad config, data or checkpoint: one line naming what is wrong, not a traceback.
+        logger.error("%s: %s", type(e).__name__, e)
+        return 2
     finally:
         if store_dir is not None:
             import shutil

@@ -74,6 +74,17 @@ def test_help_documents_usage():
         assert needle in proc.stdout, needle
 
 
+def test_user_errors_are_one_line_and_exit_2(tmp_path):
+    proc = train(tmp_path / "a", ["deepspeed.zero_stage=3", "parallel.pp=2"])
+    assert proc.returncode == 2
+    assert "error: " in proc.stderr and "deepspeed.zero_stage: 3 is not supported" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = train(tmp_path / "b", [], extra_args=["--resume"])
+    assert proc.returncode == 2
+    assert "ResumeError: --resume: no complete checkpoint under" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_torchrun_two_ranks_trains_and_records(torchrun_ref):
     _loss_decreases(torchrun_ref)
     for rec in metrics(torchrun_ref):
