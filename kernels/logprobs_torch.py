@@ -2,8 +2,12 @@
 computed on chunks of rows so that no fp32 tensor of the full [rows, V] size is ever allocated.
 
 It is the fallback for devices without a faster backend (no compiler on CPU, no Triton on CUDA).
-Each chunk holds about `_CHUNK_BYTES` of fp32 logits and a few temporaries of the same size, so
-the extra memory is bounded by ~4 * _CHUNK_BYTES whatever the vocabulary or batch.
+A chunk holds max(_CHUNK_BYTES, 1/_MAX_CHUNKS of the rows) of fp32 logits, and a few temporaries
+of the same size live at once: the extra memory is ~4 chunks, at most ~1/16 of an fp32 copy of the
+logits for large inputs. The cap on the number of chunks bounds the number of torch ops (~12 per
+chunk), each an OpenMP parallel region that ends in a barrier: on an oversubscribed CPU those
+barriers spin while a descheduled thread catches up, and this path was measured 10-30x slower than
+on a quiet one (the single-region C++ kernel is not affected).
 
 Both functions take logits as a `[B, T, V]` view with unit stride along V (see
 `logprobs.rows_view`) and per-row tensors of `B * T` entries.
@@ -15,13 +19,14 @@ from collections.abc import Iterator
 
 import torch
 
-_CHUNK_BYTES = 2 << 20  # fits in L3 next to its temporaries; ~256 chunks for 500 MiB of logits
+_CHUNK_BYTES = 2 << 20  # smallest chunk: fits in L3 next to its temporaries
+_MAX_CHUNKS = 64
 
 
 def _row_chunks(x3: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (first row index, [rows, V] view) covering all B * T rows in order."""
     B, T, V = x3.shape
-    step = max(1, _CHUNK_BYTES // (4 * max(V, 1)))
+    step = max(1, _CHUNK_BYTES // (4 * max(V, 1)), -(-B * T // _MAX_CHUNKS))
     if B == 1 or x3.stride(0) == T * x3.stride(1):  # rows are uniformly strided: one 2D view
         x2 = x3.as_strided((B * T, V), (x3.stride(1), 1), x3.storage_offset())
         for n0 in range(0, B * T, step):
