@@ -1,5 +1,5 @@
 # One-command set-up and test. `make test` builds .venv from the pinned requirements and runs
-# the suite; `make demo` (later) runs the InstructGPT-in-miniature pipeline.
+# the suite; `make demo` runs the embedded demo (see README).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: venv test lint format clean
+.PHONY: venv test lint format clean demo
 
 venv: $(STAMP)
 
@@ -36,6 +36,17 @@ format: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q tests
+
+# The embedded demo: supervised fine-tuning of a tiny model on the shipped demonstrations, then
+# sampling from the trained checkpoint. (The full SFT -> RM -> PPO pipeline replaces it once the
+# PPO stage lands.)
+DEMO_DIR ?= runs/demo
+demo: $(STAMP)
+	$(BIN)/python tools/train_sft.py --config configs/sft_demo.yaml --output-dir $(DEMO_DIR)/sft
+	$(BIN)/python tools/generate.py --checkpoint $(DEMO_DIR)/sft \
+		--tokenizer data/tokenizer --prompts-file data/demo_prompts.jsonl \
+		--output $(DEMO_DIR)/samples.jsonl generation.temperature=0 generation.max_new_tokens=24
+	cat $(DEMO_DIR)/samples.jsonl
 
 clean:
 	rm -rf $(VENV) .torch_extensions build *.egg-info

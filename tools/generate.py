@@ -31,7 +31,11 @@ _set_threads()
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megarlhf.checkpoint.model_shards import load_model_shard, read_meta  # noqa: E402
+from megarlhf.checkpoint.model_shards import (  # noqa: E402
+    load_model_shard,
+    read_meta,
+    resolve_checkpoint_dir,
+)
 from megarlhf.config import GenerationConfig, load_config  # noqa: E402
 from megarlhf.data.tokenizer import TEMPLATES, load_tokenizer  # noqa: E402
 from megarlhf.model.generation import generate  # noqa: E402
@@ -52,7 +56,11 @@ class GenerateToolConfig:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="megarlhf checkpoint dir (holds model/)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="megarlhf checkpoint dir (holds model/), or a training run dir (its latest step)",
+    )
     p.add_argument("--tokenizer", required=True, help="sentencepiece model/dir or HF folder")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help='JSONL with {"prompt": ...} per line')
@@ -99,9 +107,10 @@ def main(argv=None) -> None:
     prompts = read_prompts(args)
     rank, world = init_distributed()
     ps = build_parallel_state(tp=args.tp or world, pp=1)
-    cfg = read_meta(args.checkpoint).model
-    model = GPTModel(cfg, ps)
-    state = load_model_shard(args.checkpoint, tp=ps.tp_size, tp_rank=ps.tp_rank, pp=1, pp_rank=0)
+    ckpt = resolve_checkpoint_dir(args.checkpoint)
+    cfg = read_meta(ckpt).model
+    model = GPTModel(cfg, ps, skip_init=True)
+    state = load_model_shard(ckpt, tp=ps.tp_size, tp_rank=ps.tp_rank, pp=1, pp_rank=0)
     model.load_state_dict(state, strict=True)
     tok = load_tokenizer(args.tokenizer)
     gen = tool_cfg.generation

@@ -630,3 +630,26 @@ def _local_shape(full_shape, spec: ShardSpec | None, tp_rank: int) -> tuple[int,
     if spec is not None:
         shape[spec.dim] = spec.local_size(tp_rank)
     return tuple(shape)
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """The directory holding `model/meta.json` that `path` designates.
+
+    `path` may be such a directory itself (a converted checkpoint or a training `step_N`), a
+    checkpoints root (its latest complete step, via the `latest` pointer), or a training run's
+    output directory (the latest complete step under `checkpoints/`).
+    """
+    from megarlhf.checkpoint.atomic import find_latest
+
+    path = Path(path)
+    if (path / MODEL_SUBDIR / META_FILE).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        if root.is_dir():
+            step = find_latest(root)
+            if step is not None and (step / MODEL_SUBDIR / META_FILE).is_file():
+                return step
+    raise CheckpointError(
+        f"{path} is not a megarlhf checkpoint: no {MODEL_SUBDIR}/{META_FILE} in it, and no "
+        "complete step_N under it or under its checkpoints/"
+    )
