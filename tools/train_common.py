@@ -36,12 +36,15 @@ def parse_args(prog: str, doc: str, example_config: str, argv=None) -> argparse.
     p.add_argument("--output-dir", required=True, help="metrics, TensorBoard, config, checkpoints")
     p.add_argument(
         "--resume",
-        nargs="?",
-        const="latest",
+        action="store_true",
+        help="resume from the latest complete checkpoint of --output-dir, failing if there is "
+        "none (without it a run resumes when it can: checkpoint.resume=auto)",
+    )
+    p.add_argument(
+        "--resume-from",
         default=None,
         metavar="PATH",
-        help="resume from the latest checkpoint of --output-dir (fail if none), or from PATH "
-        "(a step_N directory); sets checkpoint.resume",
+        help="resume from this checkpoint directory (a step_N dir); sets checkpoint.resume",
     )
     p.add_argument(
         "--init-from",
@@ -84,7 +87,7 @@ def fault_hooks():
 def main(
     args: argparse.Namespace,
     *,
-    name: str,
+    prog: str,
     config_cls: type,
     make_trainer: Callable,
 ) -> int:
@@ -92,9 +95,11 @@ def main(
 
     Args:
         args: from `parse_args`.
-        name: the tool's logger name.
+        prog: the tool's name (error messages, logger).
         config_cls: the run config dataclass (SFTRunConfig, RMRunConfig).
         make_trainer: make_trainer(cfg, ps, output_dir, hooks) -> an object with .train().
+    Returns:
+        0, or 2 after a bad config, data or checkpoint (one line naming it, no traceback).
     """
     set_threads_per_rank()
     # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 deprecates, once per bucket.
@@ -103,26 +108,37 @@ def main(
     )
     import torch.distributed as dist
 
-    from megarlhf.config import load_config
+    from megarlhf.checkpoint.atomic import CheckpointDirError
+    from megarlhf.config import ConfigError, load_config
+    from megarlhf.data.sft import DataError
+    from megarlhf.data.tokenizer import TokenizerError
     from megarlhf.parallel.state import build_parallel_state, init_distributed, shutdown_distributed
+    from megarlhf.trainers.checkpointing import ResumeError
     from megarlhf.trainers.engine import check_engine_supported
     from megarlhf.utils.logsetup import setup_logging
 
-    logger = logging.getLogger(name)
+    user_errors = (ConfigError, DataError, TokenizerError, ResumeError, CheckpointDirError)
+    logger = logging.getLogger(prog.removesuffix(".py"))
     overrides = list(args.overrides)
-    if args.resume is not None:
-        overrides.append(f"checkpoint.resume={args.resume}")
+    if args.resume_from is not None:
+        overrides.append(f"checkpoint.resume={args.resume_from}")
+    elif args.resume:
+        overrides.append("checkpoint.resume=latest")
     if args.init_from is not None:
         overrides.append(f"checkpoint.init_from={args.init_from}")
-    cfg = load_config(config_cls, args.config, overrides)
-    check_engine_supported(cfg)  # refuse before any process starts waiting on another
+    try:
+        cfg = load_config(config_cls, args.config, overrides)
+        check_engine_supported(cfg)  # refuse before any process starts waiting on another
+    except ValueError as e:  # ConfigError: the message names the key
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
 
     store_dir = None
     if "RANK" in os.environ:
         rank, _ = init_distributed(cfg.loop.dist_timeout_s)
     else:
         # One plain process: DeepSpeed still wants a process group, so make a world of one.
-        store_dir = tempfile.mkdtemp(prefix=f"megarlhf_{name}_")
+        store_dir = tempfile.mkdtemp(prefix="megarlhf_train_")
         dist.init_process_group(
             "gloo", init_method=f"file://{store_dir}/store", rank=0, world_size=1
         )
@@ -139,6 +155,10 @@ def main(
         # Every rank ends with a barrier and destroy_process_group (else one may abort at exit).
         # After an error there is no barrier: the launcher tears the other ranks down.
         shutdown_distributed()
+    except user_errors as e:
+        # Bad config, data or checkpoint: one line naming what is wrong, not a traceback.
+        logger.error("%s: %s", type(e).__name__, e)
+        return 2
     finally:
         if store_dir is not None:
             import shutil

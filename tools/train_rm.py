@@ -16,7 +16,7 @@ Batches are counted in prompts (all K completions of a prompt go into one micro-
 last step the reward is normalized on `rm.normalize_files` (its mean there becomes 0) and the
 final checkpoint holds the normalized head. A run resumes automatically from
 `<output-dir>/checkpoints` when it holds a complete checkpoint (`checkpoint.resume=auto`);
-`--resume` insists on one, `--resume PATH` picks a step directory. See docs/rm.md.
+`--resume` insists on one, `--resume-from PATH` picks a step directory. See docs/rm.md.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     from megarlhf.trainers.rm import RMTrainer
     from megarlhf.trainers.rm_config import RMRunConfig
 
-    return train_main(args, name="train_rm", config_cls=RMRunConfig, make_trainer=RMTrainer)
+    return train_main(args, prog="train_rm.py", config_cls=RMRunConfig, make_trainer=RMTrainer)
 
 
 if __name__ == "__main__":

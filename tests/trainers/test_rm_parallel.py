@@ -18,17 +18,16 @@ One spawned 4-rank gloo world checks, against single-process references:
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megarlhf.data.rankings import RankingSample, collate_rankings
 from tests.dist import run_ranks
 from tests.model.common import gather_full, reference_model, rel_err, tiny_config
 from tests.trainers.common import EXT_DIR, QUIET, ROOT, final_weights, metrics
+from tests.trainers.rm_common import RM_TINY, demo_reward_mean, pairwise_loss, save_lm_checkpoint
 
 GROUPS = [[2, 5], [3, 9]]  # K of each prompt, per micro-batch
 LAYOUTS = [(2, 1), (1, 2), (2, 2)]
@@ -36,7 +35,6 @@ LAYOUTS = [(2, 1), (1, 2), (2, 2)]
 # head's bias, nor (gpt2) to the final LayerNorm's bias, which only adds head.weight . bias to every
 # reward.
 ZERO_GRAD = ("head.bias", "final_norm.bias")  # (tp, pp) on 4 ranks: DP 2, 2, 1
-RM_TINY = str(ROOT / "configs" / "rm_tiny.yaml")
 # The init_from / normalization model: the shipped tokenizer's vocabulary, demonstrations' length.
 RM_SHAPE = dict(head="scalar", vocab_size=512, max_seq_len=128)
 RUN = QUIET + [
@@ -73,22 +71,6 @@ def _micro_batches(vocab: int) -> list[dict]:
     return out
 
 
-def _pairwise_loss(rewards: torch.Tensor, mbs: list[dict]) -> torch.Tensor:
-    """Independent reference: every pair of every prompt, weight 1/C(K,2), mean over prompts."""
-    ranks = torch.cat([mb["ranks"] for mb in mbs]).tolist()
-    sizes = [k for mb in mbs for k in mb["group_sizes"].tolist()]
-    total, start = rewards.new_zeros(()), 0
-    for k in sizes:
-        prompt = rewards.new_zeros(())
-        for i in range(start, start + k):
-            for j in range(i + 1, start + k):
-                w, lose = (i, j) if ranks[i] < ranks[j] else (j, i)
-                prompt = prompt - F.logsigmoid(rewards[w] - rewards[lose])
-        total = total + prompt / math.comb(k, 2)
-        start += k
-    return total / len(sizes)
-
-
 def _reference(cfg, mbs):
     model = reference_model(cfg, seed=7)
     rewards = []
@@ -97,7 +79,8 @@ def _reference(cfg, mbs):
         last = mb["attention_mask"].sum(1) - 1  # right padding
         rewards.append(scores[torch.arange(len(last)), last])
     rewards = torch.cat(rewards)
-    loss = _pairwise_loss(rewards, mbs)
+    ranks = torch.cat([mb["ranks"] for mb in mbs]).tolist()
+    loss = pairwise_loss(rewards, ranks, [k for mb in mbs for k in mb["group_sizes"].tolist()])
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     return rewards.detach(), loss.detach(), grads
@@ -224,42 +207,14 @@ def _demo_batches(ps, demonstration_batches):
     return demonstration_batches([str(ROOT / "data/sft_tiny.jsonl")], tok, 128, "auto", 16, ps)
 
 
-def _lm_checkpoint(path):
-    """A tied GPT-2 language model (vocab 512: the shipped tokenizer) saved at TP=1, PP=1."""
-    from megarlhf.checkpoint.model_shards import save_model_shard
-    from megarlhf.parallel.state import single_process_state
-
-    cfg = tiny_config("gpt2", **{**RM_SHAPE, "head": "lm"})
-    model = reference_model(cfg, seed=5)
-    with torch.no_grad():  # not the initialization the RM would draw itself
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    save_model_shard(path, weights, cfg, tp=1, tp_rank=0, pp=1, pp_rank=0)
-    assert "output.weight" not in weights and single_process_state().world_size == 1
-    return weights
-
-
-def _demo_mean_single_process():
-    """Plain torch: the mean last-token reward of the demonstrations under the seed-7 model."""
-    from megarlhf.data.sft import load_sft_dataset
-    from megarlhf.data.tokenizer import load_tokenizer
-
-    cfg = tiny_config("gpt2", **RM_SHAPE)
-    model = reference_model(cfg, seed=7).eval()
-    tok = load_tokenizer(ROOT / "data" / "tokenizer")
-    data = load_sft_dataset([str(ROOT / "data/sft_tiny.jsonl")], tok, 128, "auto")
-    with torch.no_grad():
-        r = [model(torch.tensor([s.input_ids]))[0, -1, 0] for s in data.samples]
-    return torch.stack(r).double().mean().item()
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXT_DIR)
     tmp = tmp_path_factory.mktemp("rm_parallel")
-    lm_weights = _lm_checkpoint(tmp / "lm")
-    demo_mean = _demo_mean_single_process()
+    lm_weights = save_lm_checkpoint(
+        tmp / "lm", tiny_config("gpt2", **{**RM_SHAPE, "head": "lm"}), 5
+    )
+    demo_mean = demo_reward_mean(reference_model(tiny_config("gpt2", **RM_SHAPE), seed=7))
     results = run_ranks(
         _world, 4, str(tmp / "lm"), lm_weights, demo_mean, str(tmp / "runs"), timeout=420
     )
