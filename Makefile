@@ -35,6 +35,9 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 test: $(STAMP) lint
+	# Builds the C++ CPU ops once (cached) and prints which kernel backends are available, so the
+	# first build does not land inside a spawned test rank's timeout.
+	$(BIN)/python -m megarlhf.report
 	$(BIN)/python -m pytest -q tests
 
 # The embedded demo: supervised fine-tuning of a tiny model on the shipped demonstrations, then
