@@ -1,0 +1,146 @@
+"""The PPO hybrid engine: generate rollouts in a generation layout from an actor trained in another.
+
+The actor trains in its layout (tp_t, pp_t, dp_t, ZeRO 0/1/2 through DeepSpeed). For each rollout:
+
+  1. a generation copy `GPTModel(cfg, gen_ps, skip_init=True)` is built (tp_g, pipeline size 1,
+     dp_g = world / tp_g) and filled in memory by `reshard_weights` (timed: `time_reshard`);
+  2. each generation-DP rank generates a contiguous slice of the global prompt batch with the KV
+     cache, seeded by (seed, step, generation-DP rank), so every TP rank of a group agrees;
+  3. the copy and its cache are released (`del`, `gc.collect()`), so training memory is back to
+     the actor alone;
+  4. the samples are redistributed: every rank all-gathers the per-sample records of the
+     generation groups' TP rank 0 (`all_gather_object` over the world) and then holds the whole
+     global batch in prompt order; the trainer cuts its own training-DP slice.
+
+Simplifications, stated: step 4 moves Python lists through the object store (fine for the batch
+sizes of RLHF rollouts, where token ids are tiny next to the weights), and every rank receives the
+whole batch. ZeRO-3 partitioned actors are not supported here (the trainer refuses them before any
+work). With dp_g == 1 the generated batch does not depend on the training layout, which is what
+the layout-equality tests rely on.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megarlhf.config import GenerationConfig
+from megarlhf.engine.reshard import reshard_weights
+from megarlhf.model.generation import generate
+from megarlhf.model.gpt import GPTModel
+from megarlhf.parallel.state import ParallelState
+
+
+@dataclass
+class Sample:
+    """One generated answer, unpadded.
+
+    Attributes:
+        prompt: prompt token ids.
+        response: generated ids up to and including EOS (when it came).
+        logprobs: generation log-probs of `response` (temperature-scaled distribution).
+    """
+
+    prompt: list[int]
+    response: list[int]
+    logprobs: list[float]
+
+
+def slice_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
+    """[start, end) of `rank`'s contiguous share of n items over `size` ranks (sizes +- 1)."""
+    base, extra = divmod(n, size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids / mask [b, longest] of left-padded prompts."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+class HybridEngine:
+    """Rollout side of PPO: take the actor's weights, generate, release memory.
+
+    Args:
+        actor: this rank's actor stage in the training layout (a GPTModel; DeepSpeed's
+            `engine.module`), read only.
+        gen_ps: the generation layout over the same world (pipeline size 1).
+        gen_cfg: sampling settings.
+        eos_id: stop token (None: never stops early).
+        pad_id: filler token.
+    """
+
+    def __init__(
+        self,
+        actor: GPTModel,
+        gen_ps: ParallelState,
+        gen_cfg: GenerationConfig,
+        eos_id: int | None,
+        pad_id: int,
+    ):
+        if gen_ps.pp_size != 1:
+            raise ValueError(f"the generation layout needs pipeline size 1, got {gen_ps.pp_size}")
+        self.actor, self.gen_ps, self.gen_cfg = actor, gen_ps, gen_cfg
+        self.eos_id, self.pad_id = eos_id, pad_id
+        self.timings: dict[str, float] = {}
+
+    def seed_for(self, step: int) -> int:
+        """Sampling seed of this rank's generation group at rollout `step`."""
+        return (self.gen_cfg.seed * 1_000_003 + step * 7919 + self.gen_ps.dp_rank) % (2**63)
+
+    def build_generation_model(self) -> GPTModel:
+        """A generation-layout copy of the actor's current weights (collective)."""
+        model = GPTModel(self.actor.cfg, self.gen_ps, skip_init=True)
+        model.to(next(self.actor.parameters()).dtype)
+        reshard_weights(self.actor, model)
+        model.eval()
+        return model
+
+    def rollout(self, prompts: list[list[int]], step: int) -> list[Sample]:
+        """Generate answers to the global prompt batch; every rank returns all samples in order.
+
+        Collective over the world. Sets `self.timings`: time_reshard (build + re-shard the copy),
+        time_generate (generation, release and redistribution).
+        """
+        t0 = time.perf_counter()
+        model = self.build_generation_model()
+        t1 = time.perf_counter()
+        start, end = slice_bounds(len(prompts), self.gen_ps.dp_rank, self.gen_ps.dp_size)
+        mine: list[Sample] = []
+        if end > start:
+            ids, mask = left_pad(prompts[start:end], self.pad_id)
+            gen = torch.Generator().manual_seed(self.seed_for(step))
+            out = generate(model, ids, mask, self.gen_cfg, self.eos_id, self.pad_id, gen)
+            for i in range(end - start):
+                n = int(out.response_mask[i].sum())
+                mine.append(
+                    Sample(
+                        prompts[start + i],
+                        out.responses[i, :n].tolist(),
+                        out.logprobs[i, :n].tolist(),
+                    )
+                )
+            del out
+        del model
+        gc.collect()
+        samples = self._gather(mine)
+        self.timings = {"time_reshard": t1 - t0, "time_generate": time.perf_counter() - t1}
+        return samples
+
+    def _gather(self, mine: list[Sample]) -> list[Sample]:
+        """Every generation group's samples (from its TP rank 0), in generation-DP order."""
+        if not (dist.is_available() and dist.is_initialized()) or self.gen_ps.world_size == 1:
+            return mine
+        box: list = [None] * self.gen_ps.world_size
+        dist.all_gather_object(box, mine if self.gen_ps.tp_rank == 0 else None)
+        return [s for part in box if part is not None for s in part]
