@@ -57,6 +57,11 @@ def slice_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
+def rollout_seed(seed: int, step: int, gen_dp_rank: int) -> int:
+    """Sampling seed of generation-DP rank `gen_dp_rank` at rollout `step` (equal over its TP)."""
+    return (seed * 1_000_003 + step * 7919 + gen_dp_rank) % (2**63)
+
+
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ids / mask [b, longest] of left-padded prompts."""
     width = max(len(p) for p in prompts)
@@ -96,7 +101,7 @@ class HybridEngine:
 
     def seed_for(self, step: int) -> int:
         """Sampling seed of this rank's generation group at rollout `step`."""
-        return (self.gen_cfg.seed * 1_000_003 + step * 7919 + self.gen_ps.dp_rank) % (2**63)
+        return rollout_seed(self.gen_cfg.seed, step, self.gen_ps.dp_rank)
 
     def build_generation_model(self) -> GPTModel:
         """A generation-layout copy of the actor's current weights (collective)."""
