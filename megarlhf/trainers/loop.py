@@ -176,6 +176,17 @@ class TrainLoop:
             dist.all_reduce(t, group=self.ps.dp_group)
         return t.tolist()
 
+    def to_device(self, batches: list[dict]) -> list[dict]:
+        """Micro-batches with their tensors on the model's device (DeepSpeed moved the model to
+        the rank's accelerator; the loaders build batches on the CPU)."""
+        device = getattr(self.engine.engine, "device", None)
+        if device is None or torch.device(device).type == "cpu":
+            return batches
+        return [
+            {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
+            for mb in batches
+        ]
+
     def save(self) -> Path:
         return ckpt.save_training_checkpoint(
             self.ckpt_root,
@@ -213,7 +224,7 @@ class TrainLoop:
         while c.step < self.total_steps:
             t0 = time.perf_counter()
             epoch = self.loader.epoch
-            rec = self.train_step(self.loader.next_step())
+            rec = self.train_step(self.to_device(self.loader.next_step()))
             dt = time.perf_counter() - t0
             c.step += 1
             self.count(rec)

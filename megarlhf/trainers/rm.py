@@ -215,7 +215,7 @@ class RMTrainer(TrainLoop):
         self.engine.train(False)
         stats = self.fwd_bwd(
             model=self.engine,
-            micro_batches=self.eval_batches,
+            micro_batches=self.to_device(self.eval_batches),
             loss_fn=make_rm_loss_fn(1.0),
             ps=self.ps,
             forward_only=True,
@@ -235,9 +235,8 @@ class RMTrainer(TrainLoop):
         """Reward normalization on the demonstrations, before the final checkpoint."""
         if not self.norm_batches:
             return {}
-        mean = normalize_reward_bias(
-            self.engine, self.norm_batches, self.ps, self.cfg.rm.pipeline_schedule
-        )
+        batches = self.to_device(self.norm_batches)
+        mean = normalize_reward_bias(self.engine, batches, self.ps, self.cfg.rm.pipeline_schedule)
         self.counters.reward_offset += mean
         return {"demo_reward_mean": mean, "reward_offset": self.counters.reward_offset}
 

@@ -159,7 +159,7 @@ class SFTTrainer(TrainLoop):
         if self.eval_batches:
             stats = self.fwd_bwd(
                 model=self.engine,
-                micro_batches=self.eval_batches,
+                micro_batches=self.to_device(self.eval_batches),
                 loss_fn=make_sft_loss_fn(1.0, self.ps.tp_group),
                 ps=self.ps,
                 forward_only=True,
