@@ -6,10 +6,10 @@ completion of the micro-batch, `ranks` [sum K], `group_sizes` [prompts]). The pr
 epoch and each rank's slice of the global batch come from `ResumableSampler` (a "row" there is a
 prompt here), so a checkpoint continues at exactly the next prompt.
 
-Evaluation and scoring sets are split over data-parallel ranks with `even_split`: every rank gets
-the same number of micro-batches (ZeRO-3 gathers parameters in every forward, collectively over
-DP, so one rank forwarding less would hang the others); a rank with nothing left forwards a copy of
-item 0 flagged `filler`, whose results are not counted.
+Evaluation and scoring sets are split over data-parallel ranks with `sampler.even_split`: every
+rank gets the same number of micro-batches (ZeRO-3 gathers parameters in every forward,
+collectively over DP, so one rank forwarding less would hang the others); a rank with nothing left
+forwards a copy of item 0 flagged `filler`, whose results are not counted.
 """
 
 from __future__ import annotations
@@ -59,28 +59,3 @@ class RankingLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
-
-
-def even_split(num_items: int, micro_batch_size: int, dp_rank: int, dp_size: int):
-    """This rank's micro-batches of item indices, the same count on every rank.
-
-    Items are dealt round-robin over the ranks, then each rank cuts its share into
-    `ceil(ceil(num_items / dp_size) / micro_batch_size)` nearly equal micro-batches. A micro-batch
-    left empty holds item 0 and is flagged as filler.
-
-    Returns:
-        [(indices, filler)] of equal length on every rank.
-    """
-    if num_items < 1:
-        raise ValueError("even_split needs at least one item")
-    mine = list(range(dp_rank, num_items, dp_size))
-    most = -(-num_items // dp_size)
-    n_mb = -(-most // micro_batch_size)
-    base, extra = divmod(len(mine), n_mb)
-    out, start = [], 0
-    for j in range(n_mb):
-        size = base + (1 if j < extra else 0)
-        chunk = mine[start : start + size]
-        start += size
-        out.append((chunk, False) if chunk else ([0], True))
-    return out

@@ -124,3 +124,28 @@ class ResumableSampler:
         if epoch < 0 or position < 0 or position >= end or position % self.global_batch_size:
             raise ValueError(f"sampler state epoch={epoch}, position={position} is not valid")
         self.epoch, self.position = epoch, position
+
+
+def even_split(num_items: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+    """This rank's micro-batches of item indices, the same count on every rank.
+
+    Items are dealt round-robin over the ranks, then each rank cuts its share into
+    `ceil(ceil(num_items / dp_size) / micro_batch_size)` nearly equal micro-batches. A micro-batch
+    left empty holds item 0 and is flagged as filler.
+
+    Returns:
+        [(indices, filler)] of equal length on every rank.
+    """
+    if num_items < 1:
+        raise ValueError("even_split needs at least one item")
+    mine = list(range(dp_rank, num_items, dp_size))
+    most = -(-num_items // dp_size)
+    n_mb = -(-most // micro_batch_size)
+    base, extra = divmod(len(mine), n_mb)
+    out, start = [], 0
+    for j in range(n_mb):
+        size = base + (1 if j < extra else 0)
+        chunk = mine[start : start + size]
+        start += size
+        out.append((chunk, False) if chunk else ([0], True))
+    return out

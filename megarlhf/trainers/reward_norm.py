@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megarlhf.algos.ranking import last_token_scores
-from megarlhf.data.ranking_loader import even_split
+from megarlhf.data.sampler import even_split
 from megarlhf.data.sft import load_sft_dataset
 from megarlhf.data.tokenizer import Tokenizer
 from megarlhf.parallel.pipeline import get_forward_backward_func

@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 from megarlhf.algos.ranking import kway_ranking_loss, last_token_scores
-from megarlhf.data.ranking_loader import RankingLoader, even_split
+from megarlhf.data.ranking_loader import RankingLoader
 from megarlhf.data.rankings import collate_rankings, load_ranking_dataset
-from megarlhf.data.sampler import ResumableSampler
+from megarlhf.data.sampler import ResumableSampler, even_split
 from megarlhf.parallel.state import ParallelState
 from megarlhf.trainers.loop import TrainerHooks, TrainLoop
 from megarlhf.trainers.reward_norm import demonstration_batches, normalize_reward_bias

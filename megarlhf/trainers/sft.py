@@ -24,6 +24,7 @@ import torch
 
 from megarlhf.data.loader import build_rows, build_sft_loader
 from megarlhf.data.packing import IGNORE_INDEX, collate_rows
+from megarlhf.data.sampler import even_split
 from megarlhf.data.sft import load_sft_dataset
 from megarlhf.parallel.state import ParallelState
 from megarlhf.trainers.config import SFTConfig, SFTRunConfig, resolve_batch
@@ -97,7 +98,12 @@ class SFTTrainer(TrainLoop):
         self.eval_batches = self._eval_batches() if cfg.sft.eval_files else None
 
     def _eval_batches(self) -> list[dict]:
-        """This DP rank's micro-batches of the held-out files (rows split round-robin)."""
+        """This DP rank's micro-batches of the held-out files.
+
+        Every rank gets the same number of micro-batches (`even_split`), so collectives inside the
+        forward (ZeRO-3 parameter gathers, TP/PP communication) match across DP ranks; a filler
+        micro-batch repeats row 0 with every label ignored, so it counts nothing.
+        """
         cfg = self.cfg
         data = load_sft_dataset(
             cfg.sft.eval_files,
@@ -107,16 +113,18 @@ class SFTTrainer(TrainLoop):
             cfg.data.skip_invalid,
         )
         rows = build_rows(data, cfg.data.seq_len, cfg.data.pack, cfg.data.seed)
-        mine = rows[self.ps.dp_rank :: self.ps.dp_size]
-        m = cfg.sft.micro_batch_size
-        return [
-            collate_rows(
-                [[data.samples[i] for i in row] for row in mine[j : j + m]],
+        split = even_split(len(rows), cfg.sft.micro_batch_size, self.ps.dp_rank, self.ps.dp_size)
+        batches = []
+        for idx, filler in split:
+            mb = collate_rows(
+                [[data.samples[i] for i in rows[r]] for r in idx],
                 cfg.data.seq_len,
                 self.tokenizer.pad_id,
             )
-            for j in range(0, len(mine), m)
-        ]
+            if filler:
+                mb["labels"] = torch.full_like(mb["labels"], IGNORE_INDEX)
+            batches.append(mb)
+        return batches
 
     # ----------------------------------------------------------------------------- steps
 

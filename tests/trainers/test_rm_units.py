@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from megarlhf.config import ConfigError, load_config
-from megarlhf.data.ranking_loader import RankingLoader, even_split
+from megarlhf.data.ranking_loader import RankingLoader
 from megarlhf.data.rankings import collate_rankings, load_ranking_dataset
-from megarlhf.data.sampler import ResumableSampler
+from megarlhf.data.sampler import ResumableSampler, even_split
 from megarlhf.data.tokenizer import load_tokenizer
 from megarlhf.model.gpt import GPTModel
 from megarlhf.parallel.state import single_process_state
