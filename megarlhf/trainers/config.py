@@ -194,12 +194,7 @@ class SFTRunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
-        _check(
-            self.data.seq_len <= self.model.max_seq_len,
-            "data.seq_len",
-            f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
-        )
-        check_supported(self.deepspeed.zero_stage, self.parallel.pp)
+        check_run_config(self)
 
     # The loop section under its stage-independent name (the engine and shared loop read it).
     @property
@@ -207,20 +202,37 @@ class SFTRunConfig:
         return self.sft
 
 
-def resolve_batch(cfg: SFTRunConfig, dp_size: int) -> SFTRunConfig:
-    """The config with sft.grad_accum derived from sft.global_batch_size for this DP size."""
-    s = cfg.sft
+def check_run_config(cfg) -> None:
+    """Checks across sections that every stage's run config (SFT, RM, ...) shares."""
+    _check(
+        cfg.data.seq_len <= cfg.model.max_seq_len,
+        "data.seq_len",
+        f"{cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}",
+    )
+    check_supported(cfg.deepspeed.zero_stage, cfg.parallel.pp)
+
+
+def resolve_batch(cfg, dp_size: int, section: str = "sft", unit: str = ""):
+    """The config with `<section>.grad_accum` derived from `<section>.global_batch_size`.
+
+    Args:
+        cfg: a run config whose loop section (`sft`, `rm`, ...) has micro_batch_size,
+            grad_accum and global_batch_size (0: keep grad_accum as given).
+        dp_size: data-parallel size of this run.
+        unit: how the batch is counted, for the message (e.g. " prompts").
+    """
+    s = getattr(cfg, section)
     if s.global_batch_size == 0:
         return cfg
     per_step = s.micro_batch_size * dp_size
     _check(
         s.global_batch_size % per_step == 0,
-        "sft.global_batch_size",
-        f"{s.global_batch_size} is not a multiple of sft.micro_batch_size * dp = "
+        f"{section}.global_batch_size",
+        f"{s.global_batch_size}{unit} is not a multiple of {section}.micro_batch_size * dp = "
         f"{s.micro_batch_size} * {dp_size}",
     )
-    sft = dataclasses.replace(s, grad_accum=s.global_batch_size // per_step)
-    return dataclasses.replace(cfg, sft=sft)
+    loop = dataclasses.replace(s, grad_accum=s.global_batch_size // per_step)
+    return dataclasses.replace(cfg, **{section: loop})
 
 
 def check_supported(zero_stage: int, pp: int) -> None:

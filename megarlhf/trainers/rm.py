@@ -35,9 +35,10 @@ from megarlhf.data.ranking_loader import RankingLoader
 from megarlhf.data.rankings import collate_rankings, load_ranking_dataset
 from megarlhf.data.sampler import ResumableSampler, even_split
 from megarlhf.parallel.state import ParallelState
+from megarlhf.trainers.config import resolve_batch
 from megarlhf.trainers.loop import TrainerHooks, TrainLoop
 from megarlhf.trainers.reward_norm import demonstration_batches, normalize_reward_bias
-from megarlhf.trainers.rm_config import RMConfig, RMRunConfig, resolve_rm_batch
+from megarlhf.trainers.rm_config import RMConfig, RMRunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class RMTrainer(TrainLoop):
         output_dir: str | Path,
         hooks: TrainerHooks | None = None,
     ):
-        super().__init__(resolve_rm_batch(cfg, ps.dp_size), ps, output_dir, hooks)
+        super().__init__(resolve_batch(cfg, ps.dp_size, "rm", " prompts"), ps, output_dir, hooks)
 
     @property
     def loop_cfg(self) -> RMConfig:

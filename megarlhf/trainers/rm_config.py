@@ -8,7 +8,6 @@ K completions of each (the number of sequences forwarded varies with K). `max_k`
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from megarlhf.config import ConfigError, ModelConfig, ParallelConfig
@@ -18,7 +17,7 @@ from megarlhf.trainers.config import (
     DeepSpeedConfig,
     LoggingConfig,
     OptimConfig,
-    check_supported,
+    check_run_config,
 )
 
 # Most completions per prompt the InstructGPT labeling interface showed.
@@ -144,31 +143,9 @@ class RMRunConfig:
             "model.num_head_outputs",
             f"the ranking loss trains one reward, got {self.model.num_head_outputs} outputs",
         )
-        _check(
-            self.data.seq_len <= self.model.max_seq_len,
-            "data.seq_len",
-            f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
-        )
-        check_supported(self.deepspeed.zero_stage, self.parallel.pp)
+        check_run_config(self)
 
     # The loop section under its stage-independent name (the engine and shared loop read it).
     @property
     def loop(self) -> RMConfig:
         return self.rm
-
-
-def resolve_rm_batch(cfg: RMRunConfig, dp_size: int) -> RMRunConfig:
-    """The config with rm.grad_accum derived from rm.global_batch_size for this DP size."""
-    s = cfg.rm
-    if s.global_batch_size == 0:
-        return cfg
-    per_step = s.micro_batch_size * dp_size
-    _check(
-        s.global_batch_size % per_step == 0,
-        "rm.global_batch_size",
-        f"{s.global_batch_size} prompts is not a multiple of rm.micro_batch_size * dp = "
-        f"{s.micro_batch_size} * {dp_size}",
-    )
-    return dataclasses.replace(
-        cfg, rm=dataclasses.replace(s, grad_accum=s.global_batch_size // per_step)
-    )
