@@ -14,12 +14,12 @@ import torch
 
 from megarlhf.data.config import DataConfig
 from megarlhf.data.packing import collate_rows, first_fit_pack
-from megarlhf.data.sampler import ResumableSampler
+from megarlhf.data.sampler import ResumableSampler, StepLoader
 from megarlhf.data.sft import Sample, SFTDataset, load_sft_dataset
 from megarlhf.data.tokenizer import Tokenizer
 
 
-class SFTLoader:
+class SFTLoader(StepLoader):
     """Micro-batch dicts (see `packing.py` for the contract) for each optimizer step of one rank.
 
     Args:
@@ -38,37 +38,16 @@ class SFTLoader:
         pad_id: int,
         sampler: ResumableSampler,
     ):
-        if sampler.num_rows != len(rows):
-            raise ValueError(f"sampler has {sampler.num_rows} rows, the data {len(rows)}")
+        super().__init__(sampler, len(rows), "rows")
         self.samples = samples
         self.rows = rows
         self.seq_len = seq_len
         self.pad_id = pad_id
-        self.sampler = sampler
-
-    @property
-    def epoch(self) -> int:
-        """Epochs completed so far (the epoch the next step belongs to)."""
-        return self.sampler.epoch
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.sampler.steps_per_epoch
 
     def collate(self, row_indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """The batch dict of the given rows, [len(row_indices), seq_len] each."""
         rows = [[self.samples[i] for i in self.rows[r]] for r in row_indices]
         return collate_rows(rows, self.seq_len, self.pad_id)
-
-    def next_step(self) -> list[dict[str, torch.Tensor]]:
-        """This rank's `grad_accum` micro-batches for the next optimizer step."""
-        return [self.collate(mb) for mb in self.sampler.next_step()]
-
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
 
 
 def build_rows(dataset: SFTDataset, seq_len: int, pack: bool, seed: int) -> list[list[int]]:

@@ -19,10 +19,10 @@ from collections.abc import Sequence
 import torch
 
 from megarlhf.data.rankings import RankingSample, collate_rankings
-from megarlhf.data.sampler import ResumableSampler
+from megarlhf.data.sampler import ResumableSampler, StepLoader
 
 
-class RankingLoader:
+class RankingLoader(StepLoader):
     """This rank's micro-batches of prompts for each optimizer step.
 
     Args:
@@ -32,30 +32,10 @@ class RankingLoader:
     """
 
     def __init__(self, samples: Sequence[RankingSample], pad_id: int, sampler: ResumableSampler):
-        if sampler.num_rows != len(samples):
-            raise ValueError(f"sampler has {sampler.num_rows} prompts, the data {len(samples)}")
+        super().__init__(sampler, len(samples), "prompts")
         self.samples = samples
         self.pad_id = pad_id
-        self.sampler = sampler
 
-    @property
-    def epoch(self) -> int:
-        """Epochs completed so far (the epoch the next step belongs to)."""
-        return self.sampler.epoch
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.sampler.steps_per_epoch
-
-    def next_step(self) -> list[dict[str, torch.Tensor]]:
-        """This rank's `grad_accum` micro-batches (dicts as in the module docstring)."""
-        return [
-            collate_rankings([self.samples[i] for i in mb], self.pad_id)
-            for mb in self.sampler.next_step()
-        ]
-
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
+    def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The micro-batch dict (as in the module docstring) of the given prompts."""
+        return collate_rankings([self.samples[i] for i in indices], self.pad_id)

@@ -126,6 +126,41 @@ class ResumableSampler:
         self.epoch, self.position = epoch, position
 
 
+class StepLoader:
+    """Micro-batch dicts for each optimizer step of one rank: the sampler's indices, collated.
+
+    Subclasses say how a micro-batch of indices becomes tensors (`collate`); the position in the
+    data (for resume) is the sampler's.
+    """
+
+    def __init__(self, sampler: ResumableSampler, num_items: int, what: str = "rows"):
+        if sampler.num_rows != num_items:
+            raise ValueError(f"sampler has {sampler.num_rows} {what}, the data {num_items}")
+        self.sampler = sampler
+
+    def collate(self, indices):
+        raise NotImplementedError
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed so far (the epoch the next step belongs to)."""
+        return self.sampler.epoch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def next_step(self) -> list[dict]:
+        """This rank's `grad_accum` micro-batches for the next optimizer step."""
+        return [self.collate(mb) for mb in self.sampler.next_step()]
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
 def even_split(num_items: int, micro_batch_size: int, dp_rank: int, dp_size: int):
     """This rank's micro-batches of item indices, the same count on every rank.
 
