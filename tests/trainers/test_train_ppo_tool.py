@@ -1,0 +1,114 @@
+"""tools/train_ppo.py: under torchrun on 2 ranks (training and generation DP 2) it writes every
+metric key each step; from checkpoints (an SFT-format actor, an RM-format reward model) in one
+plain process; and bad inputs (empty prompt file, a prompt longer than the context, a reward
+model / critic whose shape does not match the actor, a bad key value) exit 2 with one line naming
+the problem, before any training."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.trainers.common import BIN, QUIET, ROOT, check, env, free_port, metrics
+from tests.trainers.ppo_common import PPO_TINY
+
+TOOL = str(ROOT / "tools" / "train_ppo.py")
+FAST = QUIET + [
+    "ppo.max_steps=2",
+    "ppo.rollout_batch_size=8",
+    "ppo.micro_batch_size=4",
+    "ppo.ptx_batch_size=4",
+    "generation.max_new_tokens=8",
+]
+KEYS = (
+    "step reward_mean reward_std kl kl_coef non_score_reward entropy clipfrac approx_kl "
+    "value_loss policy_loss explained_variance response_length logprob_mismatch ptx_loss "
+    "tokens_per_s time_generate time_reshard time_reference time_values time_reward "
+    "time_advantages time_update_actor time_update_critic"
+).split()
+
+
+def _run(cmd, out, overrides, timeout=240):
+    full = cmd + ["--config", PPO_TINY, "--output-dir", str(out), *FAST, *overrides]
+    return subprocess.run(
+        full, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+def _model_ckpt(path, head: str, **shape) -> None:
+    from megarlhf.checkpoint.model_shards import save_model_shard
+    from megarlhf.config import load_config
+    from megarlhf.model.gpt import GPTModel
+    from megarlhf.parallel.state import single_process_state
+    from megarlhf.trainers.ppo_config import PPORunConfig
+
+    cfg = load_config(PPORunConfig, PPO_TINY).model
+    cfg = type(cfg)(**{**vars(cfg), "head": head, **shape})
+    model = GPTModel(cfg, single_process_state(), seed=11)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    save_model_shard(path, weights, cfg, tp=1, tp_rank=0, pp=1, pp_rank=0)
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_two_ranks_writes_every_metric(tmp_path):
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    check(_run(cmd + [TOOL], tmp_path, []))  # training DP 2, generation DP 2
+    recs = metrics(tmp_path)
+    assert [r["step"] for r in recs] == [1, 2]
+    for r in recs:
+        missing = [k for k in KEYS if k not in r]
+        assert not missing, missing
+        assert r["logprob_mismatch"] <= 1e-5
+        assert r["time_reshard"] > 0 and r["time_generate"] > 0
+        assert r["ptx_loss"] > 0
+    assert (tmp_path / "checkpoints").is_dir() and (tmp_path / "critic_checkpoints").is_dir()
+
+
+@pytest.mark.timeout(300)
+def test_from_sft_and_rm_checkpoints(tmp_path):
+    _model_ckpt(tmp_path / "sft", "lm")
+    _model_ckpt(tmp_path / "rm", "scalar")
+    out = tmp_path / "run"
+    proc = check(
+        _run(
+            [sys.executable, TOOL],
+            out,
+            ["--init-from", str(tmp_path / "sft"), f"ppo.reward_model={tmp_path / 'rm'}"],
+        )
+    )
+    assert "random initialization" not in proc.stderr
+    assert len(metrics(out)) == 2
+
+
+def _error(tmp_path, overrides) -> str:
+    proc = _run([sys.executable, TOOL], tmp_path / "out", overrides, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+    return proc.stderr
+
+
+def test_empty_prompt_file(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert "no prompts" in _error(tmp_path, [f"data.prompt_files=[{empty}]"])
+
+
+def test_prompt_longer_than_context(tmp_path):
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "word " * 200}) + "\n")
+    err = _error(tmp_path, [f"data.prompt_files=[{long}]"])
+    assert "exceeds data.max_prompt_len=64" in err and "long.jsonl:1" in err
+
+
+def test_critic_shape_mismatch(tmp_path):
+    _model_ckpt(tmp_path / "rm", "scalar", hidden_size=32)
+    err = _error(tmp_path, [f"ppo.reward_model={tmp_path / 'rm'}"])
+    assert "model.hidden_size=32 (config has 64)" in err
+
+
+def test_config_error_names_key(tmp_path):
+    err = _error(tmp_path, ["ppo.kl_estimator=k9"])
+    assert "ppo.kl_estimator" in err
