@@ -15,9 +15,11 @@
 
 Dotted overrides follow the options: `ppo.kl_coef=0.05 parallel.tp=2 ppo.generation_tp=1`.
 Empty `checkpoint.init_from` / `ppo.reward_model` start from a seeded random initialization
-(logged as a warning; the shipped tiny config does this so it runs from a fresh clone). PPO runs
-do not resume yet: the final actor and critic checkpoints are written under
-`<output-dir>/checkpoints` and `<output-dir>/critic_checkpoints`. See docs/ppo.md.
+(logged as a warning; the shipped tiny config does this so it runs from a fresh clone).
+Checkpoints under `<output-dir>/checkpoints/step_N` hold the actor (`model/`, loadable by
+generate.py and init_from), the critic (`critic/`), both optimizers, the data positions, the KL
+controller and every RNG; a run resumes from the latest one automatically
+(`checkpoint.resume=auto`), `--resume` insists on one. See docs/ppo.md.
 """
 
 from __future__ import annotations

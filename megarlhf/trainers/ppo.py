@@ -23,9 +23,9 @@ the same at any DP size / micro-batch split (TrainEngine sums over micro-batches
 Log-prob semantics: `logprobs_from_logits(..., temperature=T)` with the sampling temperature T
 (1 when sampling greedily), before top-k / top-p, exactly what generation reports.
 
-Not done yet (docs/ppo.md): resume of a PPO run (the final actor / critic checkpoints are
-written, but optimizer, KL-controller and data-position state are not restored), EMA, GRPO/RLOO,
-offloading frozen models to CPU, ZeRO-3.
+Checkpoints (`ppo_checkpoint`) hold actor and critic with their optimizers and schedulers, the
+data positions, the KL controller and every RNG; a run resumes exactly (checkpoint.resume=auto).
+Not done yet (docs/ppo.md): EMA, GRPO/RLOO, offloading frozen models to CPU, ZeRO-3.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from megarlhf.algos.kl_controller import KLController
 from megarlhf.algos.ppo import policy_loss, token_rewards, value_loss
 from megarlhf.algos.ranking import last_token_scores
 from megarlhf.checkpoint.model_shards import read_meta
+from megarlhf.checkpoint.rng import load_rng_state
 from megarlhf.config import ConfigError, save_config
 from megarlhf.data.tokenizer import load_tokenizer
 from megarlhf.engine.hybrid import HybridEngine, Sample, slice_bounds
@@ -54,6 +55,7 @@ from megarlhf.trainers import checkpointing as ckpt
 from megarlhf.trainers.engine import TrainEngine
 from megarlhf.trainers.init_from import load_init_weights
 from megarlhf.trainers.loop import TrainerHooks, seed_everything
+from megarlhf.trainers.ppo_checkpoint import load_ppo_checkpoint, save_ppo_checkpoint
 from megarlhf.trainers.ppo_config import PPORunConfig, engine_config
 from megarlhf.trainers.ppo_data import EpochSampler, load_prompts, load_ptx_rows
 from megarlhf.utils.metrics import MetricsLogger
@@ -183,13 +185,25 @@ class PPOTrainer:
         if rm_path and read_meta(rm_path).model.head != "scalar":
             raise ConfigError(f"ppo.reward_model: {rm_path} is not a scalar-head (reward) model")
 
+        self.ckpt_root = self.output_dir / ckpt.CHECKPOINTS_DIR
+        resume = self._broadcast(
+            ckpt.find_resume_checkpoint(self.ckpt_root, cfg.checkpoint.resume)
+            if self.is_rank0
+            else None
+        )
+        if resume is not None:
+            ckpt.check_resume_layout(resume, ps, cfg.deepspeed.zero_stage)
+        self.resumed_from = resume
         init = cfg.checkpoint.init_from
         actor = GPTModel(cfg.model, ps, seed=p.seed)
-        self._load(actor, init, "actor (checkpoint.init_from)")
+        if resume is None:
+            self._load(actor, init, "actor (checkpoint.init_from)")
         self.reference = self._frozen(GPTModel(cfg.model, ps, seed=p.seed))
         self._load(self.reference, init, "reference (checkpoint.init_from)")
         critic = GPTModel(cfg.critic_model(), ps, seed=p.seed + 1)
-        self._load(critic, p.critic_init or rm_path, "critic (ppo.critic_init / ppo.reward_model)")
+        if resume is None:
+            what = "critic (ppo.critic_init / ppo.reward_model)"
+            self._load(critic, p.critic_init or rm_path, what)
         self.reward_model = None
         if self.reward_fn is None:
             self.reward_model = self._frozen(GPTModel(cfg.critic_model(), ps, seed=p.seed + 1))
@@ -205,6 +219,51 @@ class PPOTrainer:
         self.fwd_bwd = get_forward_backward_func(ps, p.pipeline_schedule)
         self.temperature = cfg.generation.temperature or 1.0
         self.step = 0
+        if resume is not None:
+            state = load_ppo_checkpoint(resume, actor=self.actor, critic=self.critic, ps=ps)
+            self.load_state_dict(state)
+            logger.info("resumed from %s at step %d", resume, self.step)
+
+    # ----------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict:
+        """Loop state saved with every checkpoint (models and optimizers go separately)."""
+        return {
+            "step": self.step,
+            "sampler": self.sampler.state_dict(),
+            "ptx_sampler": self.ptx_sampler.state_dict() if self.ptx_rows is not None else None,
+            "kl_ctl": self.kl_ctl.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        if self.ptx_rows is not None and state["ptx_sampler"] is not None:
+            self.ptx_sampler.load_state_dict(state["ptx_sampler"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+
+    def trackers(self) -> dict:
+        return {"actor_tp": self.actor.module.rng, "critic_tp": self.critic.module.rng}
+
+    def save(self) -> Path:
+        return save_ppo_checkpoint(
+            self.ckpt_root,
+            step=self.step,
+            actor=self.actor,
+            critic=self.critic,
+            ps=self.ps,
+            state=self.state_dict(),
+            trackers=self.trackers(),
+            run_config=self.cfg,
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
+
+    def _broadcast(self, obj):
+        if self.ps.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     # ----------------------------------------------------------------------------- collectives
 
@@ -515,9 +574,14 @@ class PPOTrainer:
         if self.is_rank0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output_dir / ckpt.CONFIG_FILE)
-            metrics = MetricsLogger(self.output_dir, cfg.logging.tensorboard)
-        progress = Progress(p.max_steps, 0, enabled=self.is_rank0 and cfg.logging.progress_bar)
-        last: dict = {}
+            resume_step = self.step if self.resumed_from is not None else -1
+            metrics = MetricsLogger(self.output_dir, cfg.logging.tensorboard, resume_step)
+        bar = self.is_rank0 and cfg.logging.progress_bar
+        progress = Progress(p.max_steps, self.step, enabled=bar)
+        if self.resumed_from is not None:  # last, so nothing in between draws from them
+            load_rng_state(self.resumed_from, self.ps.rank, self.trackers())
+        last: dict = {"step": self.step}
+        saved_at = self.step if self.resumed_from is not None else -1
         while self.step < p.max_steps:
             rec = self.train_step()
             self.step += 1
@@ -528,28 +592,19 @@ class PPOTrainer:
             every = cfg.logging.log_every
             if self.is_rank0 and every and (self.step % every == 0 or self.step == p.max_steps):
                 progress.write(self.summary(rec))
+            every = cfg.checkpoint.save_every
+            final = self.step == p.max_steps
+            if (every and self.step % every == 0) or (final and cfg.checkpoint.save_final):
+                last["checkpoint"] = str(self.save())
+                saved_at = self.step
             if self.hooks.on_step_end is not None:
                 self.hooks.on_step_end(self.step)
-        if cfg.checkpoint.save_final:
-            last["checkpoint"] = str(self._save(self.actor, "checkpoints"))
-            last["critic_checkpoint"] = str(self._save(self.critic, "critic_checkpoints"))
+        if cfg.checkpoint.save_final and saved_at != self.step:
+            last["checkpoint"] = str(self.save())
         progress.close()
         if metrics is not None:
             metrics.close()
         return last
-
-    def _save(self, engine: TrainEngine, sub: str) -> Path:
-        counters = ckpt.TrainCounters(step=self.step)
-        return ckpt.save_training_checkpoint(
-            self.output_dir / sub,
-            engine=engine,
-            ps=self.ps,
-            counters=counters,
-            loader_state=self.sampler.state_dict(),
-            trackers={"tp_dropout": engine.module.rng},
-            run_config=self.cfg,
-            keep_last=self.cfg.checkpoint.keep_last,
-        )
 
     def summary(self, rec: dict) -> str:
         return (

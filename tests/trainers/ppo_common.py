@@ -21,8 +21,17 @@ SMALL = QUIET + [
 ]
 
 
-def run_ppo(rank: int, overrides: list[str], out_dir: str, reward_fn=None) -> dict:
-    """Train one PPO run on this rank; returns {"metrics": per-step records, "last": final}."""
+class Stop(Exception):
+    """Raised by the stop_after hook to end a run right after a step (and its checkpoint)."""
+
+
+def run_ppo(
+    rank: int, overrides: list[str], out_dir: str, reward_fn=None, stop_after: int = 0
+) -> dict:
+    """Train one PPO run on this rank; returns {"metrics": per-step records, "last": final}.
+
+    `stop_after` > 0 ends the run after that step (a crash after its checkpoint, in effect).
+    """
     os.environ["LOCAL_RANK"] = str(rank)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXT_DIR)
     os.chdir(ROOT)
@@ -35,7 +44,12 @@ def run_ppo(rank: int, overrides: list[str], out_dir: str, reward_fn=None) -> di
     cfg = load_config(PPORunConfig, PPO_TINY, SMALL + overrides)
     ps = build_parallel_state(cfg.parallel.tp, cfg.parallel.pp)
     records: list[dict] = []
-    trainer = PPOTrainer(cfg, ps, out_dir, TrainerHooks(), reward_fn=reward_fn)
+
+    def stop(step: int) -> None:
+        if step == stop_after:
+            raise Stop
+
+    trainer = PPOTrainer(cfg, ps, out_dir, TrainerHooks(on_step_end=stop), reward_fn=reward_fn)
     orig = trainer.train_step
 
     def step():
@@ -44,5 +58,8 @@ def run_ppo(rank: int, overrides: list[str], out_dir: str, reward_fn=None) -> di
         return rec
 
     trainer.train_step = step
-    last = trainer.train()
+    try:
+        last = trainer.train()
+    except Stop:
+        last = None
     return {"metrics": records, "last": last}

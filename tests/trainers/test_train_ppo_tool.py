@@ -64,7 +64,8 @@ def test_torchrun_two_ranks_writes_every_metric(tmp_path):
         assert r["logprob_mismatch"] <= 1e-5
         assert r["time_reshard"] > 0 and r["time_generate"] > 0
         assert r["ptx_loss"] > 0
-    assert (tmp_path / "checkpoints").is_dir() and (tmp_path / "critic_checkpoints").is_dir()
+    final = tmp_path / "checkpoints" / "step_000002"
+    assert (final / "model").is_dir() and (final / "critic" / "model").is_dir()
 
 
 @pytest.mark.timeout(300)

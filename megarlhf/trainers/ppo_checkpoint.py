@@ -1,0 +1,122 @@
+"""Atomic PPO checkpoints: actor and critic (weights, ZeRO optimizer, scheduler), loop state, RNGs.
+
+One step directory holds everything, committed atomically (`megarlhf.checkpoint.atomic`):
+
+    step_N/model/            actor weights (any-layout shards: init_from / generate.py read them)
+    step_N/deepspeed/state/  actor DeepSpeed state (module, optimizer partitions, LR scheduler)
+    step_N/critic/model/     critic weights
+    step_N/critic/deepspeed/ critic DeepSpeed state
+    step_N/trainer/rank_R.pt this rank's loop state: step, prompt / PTX data positions, KL
+                             controller
+    step_N/rng/              every rank's RNG streams (python, numpy, torch, TP trackers)
+    step_N/config.yaml       the run config
+
+The reference and reward model are frozen and reloaded from their own paths on resume. The
+sampling streams of rollouts are derived from (generation.seed, step, generation-DP rank), so the
+step number restores them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megarlhf.checkpoint import atomic
+from megarlhf.checkpoint.model_shards import save_model_shard
+from megarlhf.checkpoint.rng import save_rng_state
+from megarlhf.config import save_config
+from megarlhf.parallel.state import ParallelState
+from megarlhf.trainers.checkpointing import (
+    CONFIG_FILE,
+    ResumeError,
+    _deepspeed_files,
+    _rank_file,
+    layout_meta,
+)
+from megarlhf.trainers.engine import TrainEngine
+
+CRITIC_SUBDIR = "critic"
+
+
+def _write_engine(tmp: Path, engine: TrainEngine, weights: dict, ps: ParallelState) -> list:
+    engine.save_state(tmp)
+    files = _deepspeed_files(tmp, ps, engine.mpu.get_model_parallel_rank())
+    if ps.dp_rank == 0:
+        files.append(
+            save_model_shard(
+                tmp,
+                weights,
+                engine.module.cfg,
+                tp=ps.tp_size,
+                tp_rank=ps.tp_rank,
+                pp=ps.pp_size,
+                pp_rank=ps.pp_rank,
+            )
+        )
+        if ps.tp_rank == 0 and ps.pp_rank == 0:
+            files.append(tmp / "model" / "meta.json")
+    return files
+
+
+def save_ppo_checkpoint(
+    root: Path,
+    *,
+    step: int,
+    actor: TrainEngine,
+    critic: TrainEngine,
+    ps: ParallelState,
+    state: dict,
+    trackers: dict,
+    run_config,
+    keep_last: int,
+) -> Path:
+    """Write `<root>/step_{step}` atomically; collective over the world.
+
+    Args:
+        state: this rank's loop state (torch-saveable), restored by `load_ppo_checkpoint`.
+        trackers: named RNG trackers of this rank.
+    """
+    actor_w, critic_w = actor.full_state_dict(), critic.full_state_dict()
+
+    def write(tmp: Path) -> list:
+        files = _write_engine(tmp, actor, actor_w, ps)
+        files += _write_engine(tmp / CRITIC_SUBDIR, critic, critic_w, ps)
+        files.append(save_rng_state(tmp, ps.rank, trackers))
+        path = _rank_file(tmp, ps.rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path)
+        files.append(path)
+        if ps.rank == 0:
+            save_config(run_config, tmp / CONFIG_FILE)
+            files.append(tmp / CONFIG_FILE)
+        return files
+
+    return atomic.save_checkpoint(
+        root,
+        step,
+        write,
+        rank=ps.rank,
+        world_size=ps.world_size,
+        barrier=atomic.process_group_barrier() if ps.world_size > 1 else None,
+        keep_last=keep_last,
+        meta={**layout_meta(ps, actor.zero_stage), "step": step, "stage": "ppo"},
+    )
+
+
+def load_ppo_checkpoint(
+    ckpt: Path, *, actor: TrainEngine, critic: TrainEngine, ps: ParallelState
+) -> dict:
+    """Restore both engines; return this rank's loop state (RNGs are restored separately)."""
+    path = _rank_file(ckpt, ps.rank)
+    if not path.is_file():
+        raise ResumeError(f"{path}: missing (checkpoint of another world size?)")
+    if not (ckpt / CRITIC_SUBDIR).is_dir():
+        raise ResumeError(f"{ckpt}: not a PPO checkpoint (no {CRITIC_SUBDIR}/ directory)")
+    actor.load_state(ckpt)
+    critic.load_state(ckpt / CRITIC_SUBDIR)
+    state = torch.load(path, weights_only=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return state
