@@ -38,7 +38,7 @@ from megarlhf.checkpoint.model_shards import (  # noqa: E402
 )
 from megarlhf.config import GenerationConfig, load_config  # noqa: E402
 from megarlhf.data.tokenizer import TEMPLATES, load_tokenizer  # noqa: E402
-from megarlhf.model.generation import generate  # noqa: E402
+from megarlhf.model.generation import generate, left_pad  # noqa: E402
 from megarlhf.model.gpt import GPTModel  # noqa: E402
 from megarlhf.parallel.state import (  # noqa: E402
     build_parallel_state,
@@ -89,16 +89,6 @@ def read_prompts(args) -> list[str]:
     if not prompts:
         raise SystemExit("no prompts: give --prompt or --prompts-file")
     return prompts
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s) :] = 1
-    return ids, mask
 
 
 def main(argv=None) -> None:

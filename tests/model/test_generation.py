@@ -5,22 +5,12 @@ import pytest
 import torch
 
 from megarlhf.config import GenerationConfig
-from megarlhf.model.generation import filter_logits, generate
+from megarlhf.model.generation import filter_logits, generate, left_pad
 from megarlhf.model.gpt import GPTModel
 from megarlhf.model.kv_cache import KVCache
 from megarlhf.parallel.state import build_parallel_state
 from tests.dist import run_ranks
 from tests.model.common import reference_model, rel_err, tiny_config
-
-
-def _left_pad(seqs, pad_id=0):
-    p = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), p), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), p, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, p - len(s) :] = torch.tensor(s)
-        mask[i, p - len(s) :] = 1
-    return ids, mask
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -29,7 +19,7 @@ def test_kv_cache_logits_equal_full_forward(family):
     model = reference_model(cfg).eval()
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (9, 5, 12)]
-    ids, mask = _left_pad(seqs)
+    ids, mask = left_pad(seqs, 0)
     with torch.no_grad():
         full = model(ids, attention_mask=mask)
         cache = KVCache(
@@ -51,11 +41,11 @@ def test_left_padded_rows_equal_rows_alone(family):
     cfg = tiny_config(family)
     model = reference_model(cfg)
     seqs = [[5, 17, 33, 2, 9, 100, 7], [44, 3], [8, 8, 8, 900]]
-    ids, mask = _left_pad(seqs)
+    ids, mask = left_pad(seqs, 0)
     gen = GenerationConfig(max_new_tokens=12, temperature=0.0)
     batch = generate(model, ids, mask, gen, eos_id=None, pad_id=0)
     for i, s in enumerate(seqs):
-        alone_ids, alone_mask = _left_pad([s])
+        alone_ids, alone_mask = left_pad([s], 0)
         alone = generate(model, alone_ids, alone_mask, gen, eos_id=None, pad_id=0)
         assert batch.responses[i].tolist() == alone.responses[0].tolist()
         assert torch.allclose(batch.logprobs[i], alone.logprobs[0], rtol=0, atol=1e-5)
@@ -64,7 +54,7 @@ def test_left_padded_rows_equal_rows_alone(family):
 def test_generated_logprobs_equal_recomputation():
     cfg = tiny_config("llama")
     model = reference_model(cfg)
-    ids, mask = _left_pad([[1, 2, 3, 4], [9, 10]])
+    ids, mask = left_pad([[1, 2, 3, 4], [9, 10]], 0)
     gen = GenerationConfig(max_new_tokens=10, temperature=0.7, top_k=50, top_p=0.9, seed=3)
     out = generate(model, ids, mask, gen, eos_id=None, pad_id=0)
     with torch.no_grad():
@@ -78,7 +68,7 @@ def test_generated_logprobs_equal_recomputation():
 def test_eos_stops_row_and_masks_rest():
     cfg = tiny_config("gpt2")
     model = reference_model(cfg)
-    ids, mask = _left_pad([[1, 2, 3], [4, 5, 6]])
+    ids, mask = left_pad([[1, 2, 3], [4, 5, 6]], 0)
     gen = GenerationConfig(max_new_tokens=8, temperature=0.0)
     free = generate(model, ids, mask, gen, eos_id=None, pad_id=0)
     eos = free.responses[0, 2].item()  # make row 0's third token the EOS
@@ -103,7 +93,7 @@ def _generate_tp(rank, world, family, gen_kw):
     cfg = tiny_config(family)
     ps = build_parallel_state(tp=world)
     model = GPTModel(cfg, ps, seed=7)
-    ids, mask = _left_pad([[5, 17, 33, 2, 9], [44, 3], [8, 8, 8, 900, 1, 2]])
+    ids, mask = left_pad([[5, 17, 33, 2, 9], [44, 3], [8, 8, 8, 900, 1, 2]], 0)
     out = generate(model, ids, mask, GenerationConfig(**gen_kw), eos_id=None, pad_id=0)
     return out.responses, out.logprobs
 
@@ -120,7 +110,7 @@ def _generate_tp(rank, world, family, gen_kw):
 def test_tp2_generation_equals_tp1(family, gen_kw):
     cfg = tiny_config(family)
     ref = reference_model(cfg)
-    ids, mask = _left_pad([[5, 17, 33, 2, 9], [44, 3], [8, 8, 8, 900, 1, 2]])
+    ids, mask = left_pad([[5, 17, 33, 2, 9], [44, 3], [8, 8, 8, 900, 1, 2]], 0)
     expect = generate(ref, ids, mask, GenerationConfig(**gen_kw), eos_id=None, pad_id=0)
     for responses, logprobs in run_ranks(_generate_tp, 2, family, gen_kw, timeout=180):
         assert responses.tolist() == expect.responses.tolist()

@@ -13,7 +13,7 @@ import torch
 from megarlhf.checkpoint.model_shards import save_model_shard
 from megarlhf.config import GenerationConfig
 from megarlhf.data.tokenizer import load_tokenizer
-from megarlhf.model.generation import generate
+from megarlhf.model.generation import generate, left_pad
 from tests.model.common import reference_model, tiny_config
 
 ROOT = Path(__file__).parents[2]
@@ -32,8 +32,6 @@ def checkpoint(tmp_path_factory):
 
 
 def _expected(model, tok, gen):
-    from tools.generate import left_pad
-
     ids = [tok.tokenize_pair(p, None, "auto").ids for p in PROMPTS]
     pids, pmask = left_pad(ids, tok.pad_id)
     g = torch.Generator().manual_seed(gen.seed)
