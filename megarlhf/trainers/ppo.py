@@ -25,7 +25,9 @@ Log-prob semantics: `logprobs_from_logits(..., temperature=T)` with the sampling
 
 Checkpoints (`ppo_checkpoint`) hold actor and critic with their optimizers and schedulers, the
 data positions, the KL controller and every RNG; a run resumes exactly (checkpoint.resume=auto).
-Not done yet (docs/ppo.md): EMA, GRPO/RLOO, offloading frozen models to CPU, ZeRO-3.
+`ppo.advantage_estimator=rloo|grpo` drops the critic: K = ppo.samples_per_prompt answers per
+prompt, group baselines (`megarlhf.algos.group_baseline`) instead of GAE, the same actor update.
+Not done yet (docs/ppo.md): EMA, offloading frozen models to CPU, ZeRO-3.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megarlhf.algos.group_baseline import group_advantages
 from megarlhf.algos.kl_controller import KLController
 from megarlhf.algos.ppo import policy_loss, token_rewards, value_loss
 from megarlhf.algos.ranking import last_token_scores
@@ -136,9 +139,10 @@ class PPOTrainer:
 
     def _check_batch(self) -> None:
         p, dp = self.cfg.ppo, self.ps.dp_size
-        if p.rollout_batch_size % (dp * p.num_minibatches):
+        if p.rollout_batch_size * p.samples_per_prompt % (dp * p.num_minibatches):
             raise ConfigError(
-                f"ppo.rollout_batch_size: {p.rollout_batch_size} is not a multiple of training "
+                f"ppo.rollout_batch_size: {p.rollout_batch_size} prompts x "
+                f"ppo.samples_per_prompt {p.samples_per_prompt} is not a multiple of training "
                 f"dp * ppo.num_minibatches = {dp} * {p.num_minibatches}"
             )
         if p.ptx_coef > 0 and p.ptx_batch_size % dp:
@@ -200,17 +204,21 @@ class PPOTrainer:
             self._load(actor, init, "actor (checkpoint.init_from)")
         self.reference = self._frozen(GPTModel(cfg.model, ps, seed=p.seed))
         self._load(self.reference, init, "reference (checkpoint.init_from)")
-        critic = GPTModel(cfg.critic_model(), ps, seed=p.seed + 1)
-        if resume is None:
-            what = "critic (ppo.critic_init / ppo.reward_model)"
-            self._load(critic, p.critic_init or rm_path, what)
+        critic = None
+        if p.advantage_estimator == "gae":
+            critic = GPTModel(cfg.critic_model(), ps, seed=p.seed + 1)
+            if resume is None:
+                what = "critic (ppo.critic_init / ppo.reward_model)"
+                self._load(critic, p.critic_init or rm_path, what)
         self.reward_model = None
         if self.reward_fn is None:
             self.reward_model = self._frozen(GPTModel(cfg.critic_model(), ps, seed=p.seed + 1))
             self._load(self.reward_model, rm_path, "reward model (ppo.reward_model)")
         updates = p.max_steps * p.ppo_epochs * p.num_minibatches
         self.actor = TrainEngine(actor, engine_config(cfg, "actor"), ps, updates)
-        self.critic = TrainEngine(critic, engine_config(cfg, "critic"), ps, updates)
+        self.critic = None  # critic-free (rloo / grpo)
+        if critic is not None:
+            self.critic = TrainEngine(critic, engine_config(cfg, "critic"), ps, updates)
         self.gen_ps = build_parallel_state(tp=gen_tp, pp=1)
         self.hybrid = HybridEngine(
             self.actor.module, self.gen_ps, cfg.generation, tok.eos_id, tok.pad_id
@@ -243,7 +251,10 @@ class PPOTrainer:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
 
     def trackers(self) -> dict:
-        return {"actor_tp": self.actor.module.rng, "critic_tp": self.critic.module.rng}
+        out = {"actor_tp": self.actor.module.rng}
+        if self.critic is not None:
+            out["critic_tp"] = self.critic.module.rng
+        return out
 
     def save(self) -> Path:
         return save_ppo_checkpoint(
@@ -355,9 +366,11 @@ class PPOTrainer:
         ref = self._infer(self.reference, mbs, lambda out, mb: self._logprobs(out, mb), (b, n))
         times["time_reference"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        self.critic.train(False)
-        values = self._infer(self.critic, mbs, self._values, (b, n))
-        self.critic.train(True)
+        values = torch.zeros(b, n)
+        if self.critic is not None:
+            self.critic.train(False)
+            values = self._infer(self.critic, mbs, self._values, (b, n))
+            self.critic.train(True)
         times["time_values"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if self.reward_fn is not None:
@@ -378,7 +391,10 @@ class PPOTrainer:
         rewards, kl, non_score = token_rewards(
             scores, old, ref, mask, self.kl_ctl.beta, p.kl_estimator, p.score_clip
         )
-        adv, returns = gae(rewards, values, mask, p.gamma, p.lam)
+        if self.critic is not None:
+            adv, returns = gae(rewards, values, mask, p.gamma, p.lam)
+        else:
+            adv, returns = self._group_advantages(rewards.sum(-1))[:, None] * mask, values
         if p.whiten_advantages:
             adv = self._whiten(adv, mask)
         times["time_advantages"] = time.perf_counter() - t0
@@ -387,7 +403,22 @@ class PPOTrainer:
         mismatch = ((batch["gen_logprobs"] - old).abs() * mask).max() if mask.any() else 0.0
         stats = self._rollout_stats(scores, kl, non_score, entropy, values, returns, mask)
         stats["logprob_mismatch"] = self._world_max(float(mismatch))
+        if self.critic is None:
+            stats["explained_variance"] = 0.0  # no critic
         return exp, {**stats, **times}
+
+    def _group_advantages(self, seq_rewards: torch.Tensor) -> torch.Tensor:
+        """RLOO / GRPO advantages [b] of this DP slice; groups may span DP ranks, so the sequence
+        rewards of the whole rollout batch are all-gathered over DP first (equal slices)."""
+        p, ps = self.cfg.ppo, self.ps
+        full = seq_rewards.float().contiguous()
+        if ps.dp_group is not None:
+            parts = [torch.empty_like(full) for _ in range(ps.dp_size)]
+            dist.all_gather(parts, full, group=ps.dp_group)
+            full = torch.cat(parts)
+        adv = group_advantages(full, p.samples_per_prompt, p.advantage_estimator)
+        b = seq_rewards.shape[0]
+        return adv[ps.dp_rank * b : (ps.dp_rank + 1) * b]
 
     def _whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(x - mean) / std over the masked tokens of the whole rollout batch (all DP ranks)."""
@@ -507,15 +538,17 @@ class PPOTrainer:
                 grad_norms.append(self.actor.step()["grad_norm"])
                 t_actor += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                self.critic.begin_step(len(mbs))
-                cst = self.fwd_bwd(
-                    model=self.critic,
-                    micro_batches=mbs,
-                    loss_fn=self._critic_loss_fn(tokens),
-                    ps=self.ps,
-                    backward_fn=self.critic.backward,
-                )
-                self.critic.step()
+                cst = []
+                if self.critic is not None:
+                    self.critic.begin_step(len(mbs))
+                    cst = self.fwd_bwd(
+                        model=self.critic,
+                        micro_batches=mbs,
+                        loss_fn=self._critic_loss_fn(tokens),
+                        ps=self.ps,
+                        backward_fn=self.critic.backward,
+                    )
+                    self.critic.step()
                 t_critic += time.perf_counter() - t0
                 sums = self._replica_sum(
                     [
@@ -549,7 +582,8 @@ class PPOTrainer:
         """One PPO step: rollout, experience, updates; returns the step's metrics."""
         cfg, ps = self.cfg, self.ps
         t_start = time.perf_counter()
-        prompts = [self.prompts[i] for i in self.sampler.next_batch()]
+        k = cfg.ppo.samples_per_prompt
+        prompts = [self.prompts[i] for i in self.sampler.next_batch() for _ in range(k)]
         samples = self.hybrid.rollout(prompts, self.step)
         timings = dict(self.hybrid.timings)
         width = max(len(s.prompt) for s in samples)
@@ -559,7 +593,7 @@ class PPOTrainer:
         beta = self.kl_ctl.beta
         exp, rec = self.make_experience(batch, mine)
         rec.update(self.update(exp))
-        self.kl_ctl.update(rec["kl"], cfg.ppo.rollout_batch_size)
+        self.kl_ctl.update(rec["kl"], len(samples))
         dt = time.perf_counter() - t_start
         rec.update(timings)
         rec.update(kl_coef=beta, step_time_s=dt, tokens_per_s=rec["response_tokens"] / dt)

@@ -4,7 +4,7 @@ One step directory holds everything, committed atomically (`megarlhf.checkpoint.
 
     step_N/model/            actor weights (any-layout shards: init_from / generate.py read them)
     step_N/deepspeed/state/  actor DeepSpeed state (module, optimizer partitions, LR scheduler)
-    step_N/critic/model/     critic weights
+    step_N/critic/model/     critic weights (absent for critic-free rloo / grpo)
     step_N/critic/deepspeed/ critic DeepSpeed state
     step_N/trainer/rank_R.pt this rank's loop state: step, prompt / PTX data positions, KL
                              controller
@@ -65,7 +65,7 @@ def save_ppo_checkpoint(
     *,
     step: int,
     actor: TrainEngine,
-    critic: TrainEngine,
+    critic: TrainEngine | None,
     ps: ParallelState,
     state: dict,
     trackers: dict,
@@ -78,11 +78,13 @@ def save_ppo_checkpoint(
         state: this rank's loop state (torch-saveable), restored by `load_ppo_checkpoint`.
         trackers: named RNG trackers of this rank.
     """
-    actor_w, critic_w = actor.full_state_dict(), critic.full_state_dict()
+    actor_w = actor.full_state_dict()
+    critic_w = critic.full_state_dict() if critic is not None else None
 
     def write(tmp: Path) -> list:
         files = _write_engine(tmp, actor, actor_w, ps)
-        files += _write_engine(tmp / CRITIC_SUBDIR, critic, critic_w, ps)
+        if critic is not None:
+            files += _write_engine(tmp / CRITIC_SUBDIR, critic, critic_w, ps)
         files.append(save_rng_state(tmp, ps.rank, trackers))
         path = _rank_file(tmp, ps.rank)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,16 +108,17 @@ def save_ppo_checkpoint(
 
 
 def load_ppo_checkpoint(
-    ckpt: Path, *, actor: TrainEngine, critic: TrainEngine, ps: ParallelState
+    ckpt: Path, *, actor: TrainEngine, critic: TrainEngine | None, ps: ParallelState
 ) -> dict:
     """Restore both engines; return this rank's loop state (RNGs are restored separately)."""
     path = _rank_file(ckpt, ps.rank)
     if not path.is_file():
         raise ResumeError(f"{path}: missing (checkpoint of another world size?)")
-    if not (ckpt / CRITIC_SUBDIR).is_dir():
-        raise ResumeError(f"{ckpt}: not a PPO checkpoint (no {CRITIC_SUBDIR}/ directory)")
+    if critic is not None and not (ckpt / CRITIC_SUBDIR).is_dir():
+        raise ResumeError(f"{ckpt}: has no {CRITIC_SUBDIR}/ (saved by a critic-free run?)")
     actor.load_state(ckpt)
-    critic.load_state(ckpt / CRITIC_SUBDIR)
+    if critic is not None:
+        critic.load_state(ckpt / CRITIC_SUBDIR)
     state = torch.load(path, weights_only=True)
     if dist.is_initialized():
         dist.barrier()

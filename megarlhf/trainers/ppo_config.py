@@ -26,7 +26,7 @@ from megarlhf.trainers.config import (
 )
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
-ADVANTAGE_ESTIMATORS = ("gae",)
+ADVANTAGE_ESTIMATORS = ("gae", "rloo", "grpo")
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -73,8 +73,14 @@ class PPODataConfig:
 class PPOConfig:
     """The PPO loop: batch shape, rewards, advantages, losses, and the frozen models' paths."""
 
-    # Prompts per PPO step over all ranks (the rollout batch).
+    # Prompts per PPO step over all ranks (the rollout batch holds samples_per_prompt answers
+    # to each).
     rollout_batch_size: int = 16
+    # Answers sampled per prompt (K); rloo / grpo need K >= 2.
+    samples_per_prompt: int = 1
+    # "gae" (PPO with the critic), or critic-free "rloo" / "grpo" (group baselines over the K
+    # answers of a prompt; no critic is built or trained).
+    advantage_estimator: str = "gae"
     # Sequences per forward / backward on each training-DP rank.
     micro_batch_size: int = 4
     # Optimizer steps per PPO epoch: the rollout batch is split into this many minibatches.
@@ -127,6 +133,18 @@ class PPOConfig:
         for k in ("rollout_batch_size", "micro_batch_size", "num_minibatches", "ppo_epochs"):
             _check(getattr(self, k) >= 1, f"ppo.{k}", f"must be >= 1, got {getattr(self, k)}")
         _check(self.max_steps >= 1, "ppo.max_steps", "must be >= 1")
+        _check(
+            self.advantage_estimator in ADVANTAGE_ESTIMATORS,
+            "ppo.advantage_estimator",
+            f"{self.advantage_estimator!r} is not one of {'|'.join(ADVANTAGE_ESTIMATORS)}",
+        )
+        _check(self.samples_per_prompt >= 1, "ppo.samples_per_prompt", "must be >= 1")
+        _check(
+            self.advantage_estimator == "gae" or self.samples_per_prompt >= 2,
+            "ppo.samples_per_prompt",
+            f"{self.samples_per_prompt}: ppo.advantage_estimator={self.advantage_estimator} "
+            "needs at least 2 answers per prompt",
+        )
         _check(self.kl_coef >= 0, "ppo.kl_coef", f"must be >= 0, got {self.kl_coef}")
         _check(self.kl_target >= 0, "ppo.kl_target", "must be >= 0 (0: fixed beta)")
         _check(self.kl_horizon >= 1, "ppo.kl_horizon", "must be >= 1")
