@@ -27,7 +27,8 @@ Checkpoints (`ppo_checkpoint`) hold actor and critic with their optimizers and s
 data positions, the KL controller and every RNG; a run resumes exactly (checkpoint.resume=auto).
 `ppo.advantage_estimator=rloo|grpo` drops the critic: K = ppo.samples_per_prompt answers per
 prompt, group baselines (`megarlhf.algos.group_baseline`) instead of GAE, the same actor update.
-Not done yet (docs/ppo.md): EMA, offloading frozen models to CPU, ZeRO-3.
+`ppo.ema_decay` > 0 keeps an fp32 moving average of the actor (checkpointed under ema/).
+Not done yet (docs/ppo.md): offloading frozen models to CPU, ZeRO-3.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from megarlhf.model.gpt import GPTModel
 from megarlhf.parallel.pipeline import get_forward_backward_func
 from megarlhf.parallel.state import ParallelState, build_parallel_state
 from megarlhf.trainers import checkpointing as ckpt
+from megarlhf.trainers.ema import EMA
 from megarlhf.trainers.engine import TrainEngine
 from megarlhf.trainers.init_from import load_init_weights
 from megarlhf.trainers.loop import TrainerHooks, seed_everything
@@ -227,6 +229,7 @@ class PPOTrainer:
         self.fwd_bwd = get_forward_backward_func(ps, p.pipeline_schedule)
         self.temperature = cfg.generation.temperature or 1.0
         self.step = 0
+        self.ema = EMA(self.actor.module, p.ema_decay) if p.ema_decay > 0 else None
         if resume is not None:
             state = load_ppo_checkpoint(resume, actor=self.actor, critic=self.critic, ps=ps)
             self.load_state_dict(state)
@@ -241,6 +244,7 @@ class PPOTrainer:
             "sampler": self.sampler.state_dict(),
             "ptx_sampler": self.ptx_sampler.state_dict() if self.ptx_rows is not None else None,
             "kl_ctl": self.kl_ctl.state_dict(),
+            "ema": self.ema.shadow if self.ema is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -249,6 +253,10 @@ class PPOTrainer:
         if self.ptx_rows is not None and state["ptx_sampler"] is not None:
             self.ptx_sampler.load_state_dict(state["ptx_sampler"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise ConfigError("ppo.ema_decay: > 0, but the checkpoint has no EMA to resume")
+            self.ema.load_state_dict(state["ema"])
 
     def trackers(self) -> dict:
         out = {"actor_tp": self.actor.module.rng}
@@ -267,6 +275,7 @@ class PPOTrainer:
             trackers=self.trackers(),
             run_config=self.cfg,
             keep_last=self.cfg.checkpoint.keep_last,
+            extra_models={"ema": self.ema.state_dict()} if self.ema is not None else None,
         )
 
     def _broadcast(self, obj):
@@ -536,6 +545,8 @@ class PPOTrainer:
                     backward_fn=self.actor.backward,
                 )
                 grad_norms.append(self.actor.step()["grad_norm"])
+                if self.ema is not None:
+                    self.ema.update()
                 t_actor += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 cst = []

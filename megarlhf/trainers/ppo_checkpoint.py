@@ -6,8 +6,9 @@ One step directory holds everything, committed atomically (`megarlhf.checkpoint.
     step_N/deepspeed/state/  actor DeepSpeed state (module, optimizer partitions, LR scheduler)
     step_N/critic/model/     critic weights (absent for critic-free rloo / grpo)
     step_N/critic/deepspeed/ critic DeepSpeed state
+    step_N/ema/model/        EMA of the actor (ppo.ema_decay > 0), in the model's dtype
     step_N/trainer/rank_R.pt this rank's loop state: step, prompt / PTX data positions, KL
-                             controller
+                             controller, the fp32 EMA shard
     step_N/rng/              every rank's RNG streams (python, numpy, torch, TP trackers)
     step_N/config.yaml       the run config
 
@@ -71,12 +72,15 @@ def save_ppo_checkpoint(
     trackers: dict,
     run_config,
     keep_last: int,
+    extra_models: dict[str, dict] | None = None,
 ) -> Path:
     """Write `<root>/step_{step}` atomically; collective over the world.
 
     Args:
         state: this rank's loop state (torch-saveable), restored by `load_ppo_checkpoint`.
         trackers: named RNG trackers of this rank.
+        extra_models: {subdir: this rank's weights} of more actor-shaped models (the EMA),
+            written as model shards under `step_N/<subdir>/model/`.
     """
     actor_w = actor.full_state_dict()
     critic_w = critic.full_state_dict() if critic is not None else None
@@ -85,6 +89,21 @@ def save_ppo_checkpoint(
         files = _write_engine(tmp, actor, actor_w, ps)
         if critic is not None:
             files += _write_engine(tmp / CRITIC_SUBDIR, critic, critic_w, ps)
+        for sub, weights in (extra_models or {}).items():
+            if ps.dp_rank == 0:
+                files.append(
+                    save_model_shard(
+                        tmp / sub,
+                        weights,
+                        actor.module.cfg,
+                        tp=ps.tp_size,
+                        tp_rank=ps.tp_rank,
+                        pp=ps.pp_size,
+                        pp_rank=ps.pp_rank,
+                    )
+                )
+                if ps.tp_rank == 0 and ps.pp_rank == 0:
+                    files.append(tmp / sub / "model" / "meta.json")
         files.append(save_rng_state(tmp, ps.rank, trackers))
         path = _rank_file(tmp, ps.rank)
         path.parent.mkdir(parents=True, exist_ok=True)

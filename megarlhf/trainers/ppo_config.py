@@ -120,6 +120,9 @@ class PPOConfig:
     # Tensor-parallel size of the generation layout (pipeline size 1, dp = world / this);
     # 0: the training layout's tp * pp.
     generation_tp: int = 0
+    # Decay of an fp32 moving average of the actor's weights, saved with every checkpoint under
+    # ema/ (InstructGPT: 0.992); 0: off.
+    ema_decay: float = 0.0
     # Reward-model checkpoint (scalar head, bias-normalized); empty: random init (tests only).
     reward_model: str = ""
     # Critic initialization; empty: from ppo.reward_model (as in InstructGPT).
@@ -160,6 +163,7 @@ class PPOConfig:
         _check(self.entropy_coef >= 0, "ppo.entropy_coef", "must be >= 0")
         _check(self.ptx_coef >= 0, "ppo.ptx_coef", "must be >= 0 (0: off)")
         _check(self.ptx_batch_size >= 1, "ppo.ptx_batch_size", "must be >= 1")
+        _check(0 <= self.ema_decay < 1, "ppo.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         _check(self.score_clip >= 0, "ppo.score_clip", "must be >= 0 (0: off)")
         _check(self.generation_tp >= 0, "ppo.generation_tp", "must be >= 0 (0: tp * pp)")
         _check(self.dist_timeout_s > 0, "ppo.dist_timeout_s", "must be > 0")

@@ -1,15 +1,16 @@
 """Exact resume of a PPO run: 4 steps straight equal 2 steps, a stop, and 2 resumed steps.
 
 The resumed run restores actor and critic (weights, AdamW moments, LR schedule), the prompt and
-PTX data positions, the KL controller (adaptive, so its state matters) and every RNG from the
-step-2 checkpoint; steps 3 and 4 then produce the same metrics (times excepted) and bitwise the
-same final actor and critic weights. Layout DP=2 (2 ranks, ZeRO-1), so per-rank optimizer
-partitions and data slices are exercised.
+PTX data positions, the KL controller (adaptive, so its state matters), the actor's EMA and every
+RNG from the step-2 checkpoint; steps 3 and 4 then produce the same metrics (times excepted) and
+bitwise the same final actor, critic and EMA weights. Layout DP=2 (2 ranks, ZeRO-1), so per-rank
+optimizer partitions and data slices are exercised.
 """
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from megarlhf.checkpoint.model_shards import ModelShardsReader
 from tests.dist import run_ranks
@@ -23,6 +24,7 @@ RUN = [
     "ppo.kl_target=0.5",
     "ppo.kl_horizon=100",
     "ppo.ptx_coef=1.0",
+    "ppo.ema_decay=0.9",
     "logging.tensorboard=false",
 ]
 
@@ -31,8 +33,8 @@ def _worker(rank, world, out_dir, stop_after):
     return run_ppo(rank, RUN, out_dir, stop_after=stop_after)["metrics"]
 
 
-def _critic(out):
-    ckpt = sorted((out / "checkpoints").glob("step_*"))[-1] / "critic"
+def _sub(out, sub):
+    ckpt = sorted((out / "checkpoints").glob("step_*"))[-1] / sub
     with ModelShardsReader(ckpt) as r:
         return {n: r.full_tensor(n) for n in r.names()}
 
@@ -53,4 +55,8 @@ def test_exact_resume(tmp_path):
                 assert ra[k] == rb[k], (ra["step"], k, ra[k], rb[k])
     assert a[3]["kl_coef"] != a[0]["kl_coef"]  # the adaptive controller moved
     assert_bitwise_equal(final_weights(straight), final_weights(split))
-    assert_bitwise_equal(_critic(straight), _critic(split))
+    assert_bitwise_equal(_sub(straight, "critic"), _sub(split, "critic"))
+    ema = _sub(split, "ema")
+    assert_bitwise_equal(_sub(straight, "ema"), ema)
+    actor = final_weights(split)
+    assert any(not torch.equal(ema[n], actor[n]) for n in actor)  # an average, not a copy
