@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from megarlhf.config import GenerationConfig
 from megarlhf.engine.reshard import reshard_weights
-from megarlhf.model.generation import generate
+from megarlhf.model.generation import generate, left_pad
 from megarlhf.model.gpt import GPTModel
 from megarlhf.parallel.state import ParallelState
 
@@ -60,17 +60,6 @@ def slice_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
 def rollout_seed(seed: int, step: int, gen_dp_rank: int) -> int:
     """Sampling seed of generation-DP rank `gen_dp_rank` at rollout `step` (equal over its TP)."""
     return (seed * 1_000_003 + step * 7919 + gen_dp_rank) % (2**63)
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids / mask [b, longest] of left-padded prompts."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p) :] = 1
-    return ids, mask
 
 
 class HybridEngine:

@@ -13,8 +13,8 @@ import weakref
 import torch
 
 from megarlhf.config import GenerationConfig
-from megarlhf.engine.hybrid import HybridEngine, left_pad, rollout_seed, slice_bounds
-from megarlhf.model.generation import generate
+from megarlhf.engine.hybrid import HybridEngine, rollout_seed, slice_bounds
+from megarlhf.model.generation import generate, left_pad
 from megarlhf.model.gpt import GPTModel
 from megarlhf.parallel.state import build_parallel_state
 from tests.dist import run_ranks

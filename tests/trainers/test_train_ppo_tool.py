@@ -2,7 +2,7 @@
 metric key each step; from checkpoints (an SFT-format actor, an RM-format reward model) in one
 plain process; and bad inputs (empty prompt file, a prompt longer than the context, a reward
 model / critic whose shape does not match the actor, a bad key value) exit 2 with one line naming
-the problem, before any training."""
+the problem, before any training; two deepspeed launchers simulating two nodes equal torchrun."""
 
 from __future__ import annotations
 
@@ -12,7 +12,17 @@ import sys
 
 import pytest
 
-from tests.trainers.common import BIN, QUIET, ROOT, check, env, free_port, metrics
+from tests.trainers.common import (
+    BIN,
+    QUIET,
+    ROOT,
+    assert_bitwise_equal,
+    check,
+    env,
+    final_weights,
+    free_port,
+    metrics,
+)
 from tests.trainers.ppo_common import PPO_TINY
 
 TOOL = str(ROOT / "tools" / "train_ppo.py")
@@ -113,3 +123,29 @@ def test_critic_shape_mismatch(tmp_path):
 def test_config_error_names_key(tmp_path):
     err = _error(tmp_path, ["ppo.kl_estimator=k9"])
     assert "ppo.kl_estimator" in err
+
+
+@pytest.mark.timeout(300)
+def test_simulated_two_node_launch(tmp_path):
+    """One `deepspeed --no_ssh --node_rank i` launcher per simulated node (as on a cluster without
+    pdsh) trains the same PPO run as torchrun on 2 ranks: equal metrics, bitwise equal actor."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = str(free_port())
+    procs = []
+    for node in range(2):
+        cmd = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank",
+               str(node), "--master_addr", "127.0.0.1", "--master_port", port, TOOL, "--config",
+               PPO_TINY, "--output-dir", str(tmp_path / "nodes"), *FAST]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, cwd=ROOT))  # fmt: skip
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-4000:]
+    assert "rank 0/2: tp 0/1, pp 0/1, dp 0/2" in logs[0]
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    check(_run(cmd + [TOOL], tmp_path / "torchrun", []))
+    a, b = metrics(tmp_path / "nodes"), metrics(tmp_path / "torchrun")
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["reward_mean"] == rb["reward_mean"] and ra["policy_loss"] == rb["policy_loss"]
+    assert_bitwise_equal(final_weights(tmp_path / "nodes"), final_weights(tmp_path / "torchrun"))
