@@ -1,6 +1,6 @@
 """The PPO hybrid engine: generate rollouts in a generation layout from an actor trained in another.
 
-The actor trains in its layout (tp_t, pp_t, dp_t, ZeRO 0/1/2 through DeepSpeed). For each rollout:
+The actor trains in its layout (tp_t, pp_t, dp_t, ZeRO 0-3 through DeepSpeed). For each rollout:
 
   1. a generation copy `GPTModel(cfg, gen_ps, skip_init=True)` is built (tp_g, pipeline size 1,
      dp_g = world / tp_g) and filled in memory by `reshard_weights` (timed: `time_reshard`);
@@ -14,9 +14,10 @@ The actor trains in its layout (tp_t, pp_t, dp_t, ZeRO 0/1/2 through DeepSpeed).
 
 Simplifications, stated: step 4 moves Python lists through the object store (fine for the batch
 sizes of RLHF rollouts, where token ids are tiny next to the weights), and every rank receives the
-whole batch. ZeRO-3 partitioned actors are not supported here (the trainer refuses them before any
-work). With dp_g == 1 the generated batch does not depend on the training layout, which is what
-the layout-equality tests rely on.
+whole batch. A ZeRO-3 actor is gathered whole for the copy (`GatheredParameters` over all its
+parameters at once: simple, but it peaks at a full unpartitioned replica on top of the copy).
+With dp_g == 1 the generated batch does not depend on the training layout, which is what the
+layout-equality tests rely on.
 """
 
 from __future__ import annotations
@@ -95,8 +96,17 @@ class HybridEngine:
     def build_generation_model(self) -> GPTModel:
         """A generation-layout copy of the actor's current weights (collective)."""
         model = GPTModel(self.actor.cfg, self.gen_ps, skip_init=True)
-        model.to(next(self.actor.parameters()).dtype)
-        reshard_weights(self.actor, model)
+        params = list(self.actor.parameters())
+        if any(hasattr(p, "ds_id") for p in params):
+            # ZeRO-3: gather the actor's partitions (collective over its DP group) for the copy.
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params):
+                model.to(params[0].dtype)
+                reshard_weights(self.actor, model)
+        else:
+            model.to(params[0].dtype)
+            reshard_weights(self.actor, model)
         model.eval()
         return model
 

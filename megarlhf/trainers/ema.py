@@ -3,7 +3,7 @@ decay 0.992, and evaluates it).
 
 Each rank averages its own stage / TP shard in fp32: ema <- decay * ema + (1 - decay) * w, after
 every optimizer step. Under ZeRO 0/1/2 the module holds whole (bf16 or fp32) parameters on every
-DP rank, so every DP rank keeps the same average; ZeRO-3 is not supported (the PPO trainer
+DP rank, so every DP rank keeps the same average; ZeRO-3 is not supported (the PPO config
 refuses it). The average is saved as its own model-shard directory (any-layout loadable).
 """
 

@@ -28,7 +28,7 @@ data positions, the KL controller and every RNG; a run resumes exactly (checkpoi
 `ppo.advantage_estimator=rloo|grpo` drops the critic: K = ppo.samples_per_prompt answers per
 prompt, group baselines (`megarlhf.algos.group_baseline`) instead of GAE, the same actor update.
 `ppo.ema_decay` > 0 keeps an fp32 moving average of the actor (checkpointed under ema/).
-Not done yet (docs/ppo.md): offloading frozen models to CPU, ZeRO-3.
+Not done yet (docs/ppo.md): offloading frozen models to CPU.
 """
 
 from __future__ import annotations

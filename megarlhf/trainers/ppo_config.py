@@ -185,7 +185,7 @@ class PPORunConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
     # Critic optimizer and schedule.
     critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
-    # ZeRO stage (0, 1 or 2 for PPO) and DeepSpeed settings, for both trained models.
+    # ZeRO stage and DeepSpeed settings, for both trained models (ZeRO-3 needs parallel.pp=1).
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     # The PPO loop.
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -201,10 +201,9 @@ class PPORunConfig:
             f"the actor is a language model: model.head must be lm, got {self.model.head!r}",
         )
         _check(
-            self.deepspeed.zero_stage in (0, 1, 2),
-            "deepspeed.zero_stage",
-            f"{self.deepspeed.zero_stage}: the PPO hybrid engine re-shards whole parameters and "
-            "does not gather ZeRO-3 partitions yet; use 0, 1 or 2",
+            self.deepspeed.zero_stage < 3 or self.ppo.ema_decay == 0,
+            "ppo.ema_decay",
+            "the actor EMA averages whole parameters; with deepspeed.zero_stage=3 set it to 0",
         )
         need = self.data.max_prompt_len + self.generation.max_new_tokens
         _check(
