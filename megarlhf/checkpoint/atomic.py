@@ -213,7 +213,9 @@ def save_checkpoint(
     if step < 0:
         raise ValueError(f"save_checkpoint: step must be >= 0, got {step}")
     barrier = barrier or (lambda: None)
-    root = Path(root)
+    # Absolute, so the temp dir handed to write_fn (and the paths it returns) cannot be mistaken
+    # for paths relative to it when the caller gave a relative root.
+    root = Path(root).absolute()
     tmp = root / f"{TMP_PREFIX}{step:06d}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)

@@ -245,3 +245,17 @@ def test_gloo_ranks_save_one_checkpoint_with_per_rank_rng(tmp_path):
         load_rng_state(ckpt, r)
         assert torch.equal(torch.rand(3), draws[r])
     assert not torch.equal(draws[0], draws[1])
+
+
+def test_relative_root_with_write_fn_returning_joined_paths(tmp_path, monkeypatch):
+    # A run started with `--output-dir runs/x` hands a relative root; trainers return files as
+    # `tmp_dir / name`. Those must not be re-joined onto the temp dir.
+    monkeypatch.chdir(tmp_path)
+    inner = writer(3)
+
+    def write(tmp: Path):
+        return [tmp / rel for rel in inner(tmp)]
+
+    final = save_checkpoint(Path("runs/x/checkpoints"), 3, write)
+    assert final == tmp_path / "runs/x/checkpoints/step_000003"
+    assert_is_step(final, 3)
