@@ -49,7 +49,7 @@ demo: $(STAMP)
 	$(BIN)/python tools/generate.py --checkpoint $(DEMO_DIR)/sft \
 		--tokenizer data/tokenizer --prompts-file data/demo_prompts.jsonl \
 		--output $(DEMO_DIR)/samples.jsonl generation.temperature=0 generation.max_new_tokens=24
-	cat $(DEMO_DIR)/samples.jsonl
+	$(BIN)/python -c 'import json, sys; [print(r["prompt"], "->", r["response"]) for r in map(json.loads, open(sys.argv[1]))]' $(DEMO_DIR)/samples.jsonl
 
 clean:
 	rm -rf $(VENV) .torch_extensions build *.egg-info
