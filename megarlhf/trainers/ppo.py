@@ -51,6 +51,7 @@ from megarlhf.checkpoint.rng import load_rng_state
 from megarlhf.config import ConfigError, save_config
 from megarlhf.data.tokenizer import load_tokenizer
 from megarlhf.engine.hybrid import HybridEngine, Sample, slice_bounds
+from megarlhf.engine.offload import FrozenModel
 from megarlhf.kernels import gae, logprobs_from_logits
 from megarlhf.model.gpt import GPTModel
 from megarlhf.parallel.pipeline import get_forward_backward_func
@@ -158,11 +159,6 @@ class PPOTrainer:
             )
         return gen_tp
 
-    def _frozen(self, model: GPTModel) -> GPTModel:
-        model.eval()
-        model.requires_grad_(False)
-        return model
-
     def _load(self, model: GPTModel, path: str, what: str) -> None:
         if path:
             load_init_weights(model, path, self.ps)
@@ -204,23 +200,29 @@ class PPOTrainer:
         actor = GPTModel(cfg.model, ps, seed=p.seed)
         if resume is None:
             self._load(actor, init, "actor (checkpoint.init_from)")
-        self.reference = self._frozen(GPTModel(cfg.model, ps, seed=p.seed))
-        self._load(self.reference, init, "reference (checkpoint.init_from)")
+        reference = GPTModel(cfg.model, ps, seed=p.seed)
+        self._load(reference, init, "reference (checkpoint.init_from)")
         critic = None
         if p.advantage_estimator == "gae":
             critic = GPTModel(cfg.critic_model(), ps, seed=p.seed + 1)
             if resume is None:
                 what = "critic (ppo.critic_init / ppo.reward_model)"
                 self._load(critic, p.critic_init or rm_path, what)
-        self.reward_model = None
+        reward_model = None
         if self.reward_fn is None:
-            self.reward_model = self._frozen(GPTModel(cfg.critic_model(), ps, seed=p.seed + 1))
-            self._load(self.reward_model, rm_path, "reward model (ppo.reward_model)")
+            reward_model = GPTModel(cfg.critic_model(), ps, seed=p.seed + 1)
+            self._load(reward_model, rm_path, "reward model (ppo.reward_model)")
         updates = p.max_steps * p.ppo_epochs * p.num_minibatches
         self.actor = TrainEngine(actor, engine_config(cfg, "actor"), ps, updates)
         self.critic = None  # critic-free (rloo / grpo)
         if critic is not None:
             self.critic = TrainEngine(critic, engine_config(cfg, "critic"), ps, updates)
+        # Frozen models run where the actor runs; optionally parked in CPU memory between uses.
+        device = next(self.actor.module.parameters()).device
+        self.reference = FrozenModel(reference, device, p.offload_frozen)
+        self.reward_model = None
+        if reward_model is not None:
+            self.reward_model = FrozenModel(reward_model, device, p.offload_frozen)
         self.gen_ps = build_parallel_state(tp=gen_tp, pp=1)
         self.hybrid = HybridEngine(
             self.actor.module, self.gen_ps, cfg.generation, tok.eos_id, tok.pad_id
@@ -372,7 +374,8 @@ class PPOTrainer:
         )
         self.actor.train(True)
         old, entropy = both[..., 0], both[..., 1]
-        ref = self._infer(self.reference, mbs, lambda out, mb: self._logprobs(out, mb), (b, n))
+        with self.reference.use() as reference:
+            ref = self._infer(reference, mbs, lambda out, mb: self._logprobs(out, mb), (b, n))
         times["time_reference"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         values = torch.zeros(b, n)
@@ -388,12 +391,13 @@ class PPOTrainer:
                 dtype=torch.float32,
             )
         else:
-            scores = self._infer(
-                self.reward_model,
-                mbs,
-                lambda out, mb: last_token_scores(out[..., 0], mb["attention_mask"]).float(),
-                (b,),
-            )
+            with self.reward_model.use() as reward_model:
+                scores = self._infer(
+                    reward_model,
+                    mbs,
+                    lambda out, mb: last_token_scores(out[..., 0], mb["attention_mask"]).float(),
+                    (b,),
+                )
         times["time_reward"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         mask = batch["mask"]

@@ -127,6 +127,9 @@ class PPOConfig:
     reward_model: str = ""
     # Critic initialization; empty: from ppo.reward_model (as in InstructGPT).
     critic_init: str = ""
+    # Keep the frozen reference and reward model in CPU memory between uses (moved to the
+    # compute device only for their forwards).
+    offload_frozen: bool = False
     # Pipeline schedule when parallel.pp > 1.
     pipeline_schedule: str = "1f1b"
     # Seconds any collective may wait before failing (a dead peer becomes an error, not a hang).

@@ -125,3 +125,12 @@ def test_zero3_actor_equals_zero1(tmp_path):
             assert abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])), (k, a[k], b[k])
     for name in w1:
         assert (w1[name] - w3[name]).abs().max().item() <= 2e-5, name
+
+
+def test_offloaded_frozen_models_give_the_same_run(reference, tmp_path):
+    ref, _ = reference
+    (res,) = run_ranks(
+        _worker, 1, ["ppo.generation_tp=1", "ppo.offload_frozen=true"], str(tmp_path), timeout=200
+    )
+    for a, b in zip(ref["metrics"], res["metrics"], strict=True):
+        assert all(a[k] == b[k] for k in COMPARED), (a, b)
