@@ -6,6 +6,8 @@ tensors, and never mutate their inputs. Reductions are over every masked-in elem
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -45,3 +47,29 @@ def explained_variance(
     """1 - Var[returns - values] / Var[returns] over mask (1: perfect critic, <= 0: useless)."""
     var_ret = masked_var(returns, mask)
     return 1.0 - masked_var(returns - values, mask) / var_ret.clamp_min(1e-12)
+
+
+def whiten_with_moments(
+    x: torch.Tensor,
+    total: float,
+    total_sq: float,
+    count: float,
+    unbiased: bool = True,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """(x - mean) / std with mean and variance from sums over a larger population.
+
+    For statistics over every data-parallel rank's batch: each rank sums x and x^2 locally, the
+    sums are all-reduced, and each rank whitens its own x with the global moments.
+
+    Args:
+        x: any shape; total, total_sq, count: sum of x, sum of x^2 and number of elements of the
+            whole population (which x is part of).
+        unbiased: Bessel-correct the variance (when count > 1).
+    """
+    n = max(count, 1.0)
+    mean = total / n
+    var = max(total_sq / n - mean * mean, 0.0)
+    if unbiased and count > 1:
+        var *= count / (count - 1)
+    return (x - mean) * (1.0 / math.sqrt(var + eps))

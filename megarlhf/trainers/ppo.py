@@ -46,6 +46,7 @@ from megarlhf.algos.group_baseline import group_advantages
 from megarlhf.algos.kl_controller import KLController
 from megarlhf.algos.ppo import policy_loss, token_rewards, value_loss
 from megarlhf.algos.ranking import last_token_scores
+from megarlhf.algos.stats import whiten_with_moments
 from megarlhf.checkpoint.model_shards import read_meta
 from megarlhf.checkpoint.rng import load_rng_state
 from megarlhf.config import ConfigError, save_config
@@ -401,8 +402,14 @@ class PPOTrainer:
         times["time_reward"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         mask = batch["mask"]
+        rm_scores = scores
+        if p.whiten_rewards:
+            s = scores.double()
+            rm_scores = whiten_with_moments(
+                scores, *self._dp_sum([float(s.sum()), float((s * s).sum()), float(s.numel())])
+            ).float()
         rewards, kl, non_score = token_rewards(
-            scores, old, ref, mask, self.kl_ctl.beta, p.kl_estimator, p.score_clip
+            rm_scores, old, ref, mask, self.kl_ctl.beta, p.kl_estimator, p.score_clip
         )
         if self.critic is not None:
             adv, returns = gae(rewards, values, mask, p.gamma, p.lam)
@@ -435,12 +442,10 @@ class PPOTrainer:
 
     def _whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(x - mean) / std over the masked tokens of the whole rollout batch (all DP ranks)."""
-        s, sq, n = self._dp_sum(
+        moments = self._dp_sum(
             [float((x * mask).sum()), float((x * x * mask).sum()), float(mask.sum())]
         )
-        mean = s / max(n, 1.0)
-        var = max(sq / max(n, 1.0) - mean * mean, 0.0) * (n / (n - 1) if n > 1 else 1.0)
-        return (x - mean) * (1.0 / math.sqrt(var + 1e-8)) * mask
+        return whiten_with_moments(x, *moments) * mask
 
     def _rollout_stats(self, scores, kl, non_score, entropy, values, returns, mask) -> dict:
         r = scores.double()

@@ -101,6 +101,9 @@ class PPOConfig:
     kl_estimator: str = "k1"
     # Clip RM scores to [-c, c] before adding them (0: off).
     score_clip: float = 0.0
+    # Whiten RM scores over the whole rollout batch (all DP ranks) before clipping and adding
+    # them; metrics still report the raw scores.
+    whiten_rewards: bool = False
     # GAE discount.
     gamma: float = 1.0
     # GAE lambda.

@@ -77,3 +77,15 @@ def test_adaptive_kl_controller():
     ctl2.load_state_dict(ctl2.state_dict())
     ctl2.update(kl=2.0, n_samples=50)
     assert abs(ctl2.beta - 0.02 * 1.1) < 1e-12
+
+
+def test_whiten_with_global_moments_equals_whitening_the_whole_population():
+    from megarlhf.algos.stats import whiten_with_moments
+
+    x = torch.randn(10, dtype=torch.float64) * 3 + 1
+    halves = x[:4], x[4:]  # as if two DP ranks held them
+    total, total_sq = float(x.sum()), float((x * x).sum())
+    out = torch.cat([whiten_with_moments(h, total, total_sq, 10, eps=0.0) for h in halves])
+    assert torch.allclose(out, (x - x.mean()) / x.std(), atol=1e-12)
+    pop = whiten_with_moments(x, total, total_sq, 10, unbiased=False, eps=0.0)
+    assert torch.allclose(pop, (x - x.mean()) / x.std(unbiased=False), atol=1e-12)

@@ -134,3 +134,17 @@ def test_offloaded_frozen_models_give_the_same_run(reference, tmp_path):
     )
     for a, b in zip(ref["metrics"], res["metrics"], strict=True):
         assert all(a[k] == b[k] for k in COMPARED), (a, b)
+
+
+def test_reward_whitening_changes_the_update_not_the_rollout(tmp_path):
+    # Same rollout (metrics report raw scores), different rewards: whitened scores move the actor
+    # differently. The moments are global over DP (megarlhf.algos.stats.whiten_with_moments over
+    # the DP sums, tested against whole-population whitening in tests/algos).
+    runs = {}
+    for flag in ("false", "true"):
+        over = [f"ppo.whiten_rewards={flag}", "ppo.max_steps=1", "ppo.generation_tp=1"]
+        (runs[flag],) = run_ranks(_worker, 1, over, str(tmp_path / flag), timeout=200)
+    for k in ("reward_mean", "reward_std", "kl", "response_length"):
+        assert runs["false"]["metrics"][0][k] == runs["true"]["metrics"][0][k], k
+    w_off, w_on = final_weights(tmp_path / "false"), final_weights(tmp_path / "true")
+    assert max((w_off[n] - w_on[n]).abs().max().item() for n in w_off) > 0
