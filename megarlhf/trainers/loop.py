@@ -31,13 +31,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from megarlhf.config import ConfigError, save_config
 from megarlhf.data.tokenizer import load_tokenizer
 from megarlhf.model.gpt import GPTModel
 from megarlhf.parallel.pipeline import get_forward_backward_func
 from megarlhf.parallel.random import default_seed
+from megarlhf.parallel.scalars import broadcast_object, sum_over_dp, sum_over_replicas
 from megarlhf.parallel.state import ParallelState
 from megarlhf.trainers import checkpointing as ckpt
 from megarlhf.trainers.engine import TrainEngine
@@ -153,28 +153,15 @@ class TrainLoop:
 
     def broadcast(self, obj):
         """Rank 0's `obj` on every rank."""
-        if self.ps.world_size == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        return broadcast_object(obj, self.ps)
 
     def sum_over_replicas(self, values: list[float]) -> list[float]:
         """Sum per-DP-replica values held by the last stage (TP rank 0) over the world."""
-        ps = self.ps
-        t = torch.tensor(values, dtype=torch.float64)
-        if not (ps.is_last_stage and ps.tp_rank == 0):
-            t.zero_()
-        if ps.world_size > 1:
-            dist.all_reduce(t)
-        return t.tolist()
+        return sum_over_replicas(values, self.ps)
 
     def sum_over_dp(self, values: list[float]) -> list[float]:
         """Sum values every rank of a DP replica holds alike (batch sizes) over the replicas."""
-        t = torch.tensor(values, dtype=torch.float64)
-        if self.ps.dp_group is not None:
-            dist.all_reduce(t, group=self.ps.dp_group)
-        return t.tolist()
+        return sum_over_dp(values, self.ps)
 
     def to_device(self, batches: list[dict]) -> list[dict]:
         """Micro-batches with their tensors on the model's device (DeepSpeed moved the model to

@@ -56,6 +56,13 @@ from megarlhf.engine.offload import FrozenModel
 from megarlhf.kernels import gae, logprobs_from_logits
 from megarlhf.model.gpt import GPTModel
 from megarlhf.parallel.pipeline import get_forward_backward_func
+from megarlhf.parallel.scalars import (
+    broadcast_object,
+    from_last_stage,
+    sum_over_dp,
+    sum_over_replicas,
+    world_max,
+)
 from megarlhf.parallel.state import ParallelState, build_parallel_state
 from megarlhf.trainers import checkpointing as ckpt
 from megarlhf.trainers.ema import EMA
@@ -189,10 +196,11 @@ class PPOTrainer:
             raise ConfigError(f"ppo.reward_model: {rm_path} is not a scalar-head (reward) model")
 
         self.ckpt_root = self.output_dir / ckpt.CHECKPOINTS_DIR
-        resume = self._broadcast(
+        resume = broadcast_object(
             ckpt.find_resume_checkpoint(self.ckpt_root, cfg.checkpoint.resume)
             if self.is_rank0
-            else None
+            else None,
+            self.ps,
         )
         if resume is not None:
             ckpt.check_resume_layout(resume, ps, cfg.deepspeed.zero_stage)
@@ -281,49 +289,6 @@ class PPOTrainer:
             extra_models={"ema": self.ema.state_dict()} if self.ema is not None else None,
         )
 
-    def _broadcast(self, obj):
-        if self.ps.world_size == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    # ----------------------------------------------------------------------------- collectives
-
-    def _from_last_stage(self, t: torch.Tensor | None, shape, dtype=torch.float32) -> torch.Tensor:
-        """The last pipeline stage's tensor on every stage of this pipeline."""
-        ps = self.ps
-        if ps.pp_size == 1:
-            return t
-        if t is None:
-            t = torch.empty(shape, dtype=dtype)
-        t = t.contiguous()
-        dist.broadcast(t, src=ps.pp_ranks[-1], group=ps.pp_group)
-        return t
-
-    def _dp_sum(self, values: list[float]) -> list[float]:
-        """Sum over DP of values every rank of a replica holds alike."""
-        t = torch.tensor(values, dtype=torch.float64)
-        if self.ps.dp_group is not None:
-            dist.all_reduce(t, group=self.ps.dp_group)
-        return t.tolist()
-
-    def _replica_sum(self, values: list[float]) -> list[float]:
-        """Sum over replicas of values held by the last stage's TP rank 0 (zero elsewhere)."""
-        ps = self.ps
-        t = torch.tensor(values, dtype=torch.float64)
-        if not (ps.is_last_stage and ps.tp_rank == 0):
-            t.zero_()
-        if ps.world_size > 1:
-            dist.all_reduce(t)
-        return t.tolist()
-
-    def _world_max(self, x: float) -> float:
-        t = torch.tensor([x], dtype=torch.float64)
-        if self.ps.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t)
-
     # ----------------------------------------------------------------------------- inference
 
     def _infer(self, model, mbs: list[dict], fn, shape) -> torch.Tensor:
@@ -337,7 +302,7 @@ class PPOTrainer:
             forward_only=True,
         )
         t = torch.cat([s["x"] for s in stats]) if stats else None
-        return self._from_last_stage(t, shape)
+        return from_last_stage(t, shape, self.ps)
 
     def _logprobs(self, out: torch.Tensor, mb: dict, entropy: bool = False):
         n = mb["labels"].shape[1]
@@ -406,7 +371,8 @@ class PPOTrainer:
         if p.whiten_rewards:
             s = scores.double()
             rm_scores = whiten_with_moments(
-                scores, *self._dp_sum([float(s.sum()), float((s * s).sum()), float(s.numel())])
+                scores,
+                *sum_over_dp([float(s.sum()), float((s * s).sum()), float(s.numel())], self.ps),
             ).float()
         rewards, kl, non_score = token_rewards(
             rm_scores, old, ref, mask, self.kl_ctl.beta, p.kl_estimator, p.score_clip
@@ -422,7 +388,7 @@ class PPOTrainer:
         exp.update(advantages=adv, returns=returns)
         mismatch = ((batch["gen_logprobs"] - old).abs() * mask).max() if mask.any() else 0.0
         stats = self._rollout_stats(scores, kl, non_score, entropy, values, returns, mask)
-        stats["logprob_mismatch"] = self._world_max(float(mismatch))
+        stats["logprob_mismatch"] = world_max(float(mismatch), self.ps)
         if self.critic is None:
             stats["explained_variance"] = 0.0  # no critic
         return exp, {**stats, **times}
@@ -442,15 +408,15 @@ class PPOTrainer:
 
     def _whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(x - mean) / std over the masked tokens of the whole rollout batch (all DP ranks)."""
-        moments = self._dp_sum(
-            [float((x * mask).sum()), float((x * x * mask).sum()), float(mask.sum())]
+        moments = sum_over_dp(
+            [float((x * mask).sum()), float((x * x * mask).sum()), float(mask.sum())], self.ps
         )
         return whiten_with_moments(x, *moments) * mask
 
     def _rollout_stats(self, scores, kl, non_score, entropy, values, returns, mask) -> dict:
         r = scores.double()
         err = (returns - values) * mask
-        sums = self._dp_sum(
+        sums = sum_over_dp(
             [
                 float(r.sum()),
                 float((r * r).sum()),
@@ -463,7 +429,8 @@ class PPOTrainer:
                 float((returns * returns * mask).sum()),
                 float(err.sum()),
                 float((err * err).sum()),
-            ]
+            ],
+            self.ps,
         )
         rs, rsq, rows, kls, nss, ents, toks, ret, ret2, e, e2 = sums
         mean = rs / rows
@@ -537,7 +504,9 @@ class PPOTrainer:
         for _ in range(p.ppo_epochs):
             for m in range(p.num_minibatches):
                 mbs = split_rows(train, range(m * per, (m + 1) * per), p.micro_batch_size)
-                (tokens,) = self._dp_sum([float(exp["mask"][m * per : (m + 1) * per].sum())])
+                (tokens,) = sum_over_dp(
+                    [float(exp["mask"][m * per : (m + 1) * per].sum())], self.ps
+                )
                 tokens = max(tokens, 1.0)
                 t0 = time.perf_counter()
                 all_mbs = mbs
@@ -570,14 +539,15 @@ class PPOTrainer:
                     )
                     self.critic.step()
                 t_critic += time.perf_counter() - t0
-                sums = self._replica_sum(
+                sums = sum_over_replicas(
                     [
                         sum(s.get("pg_sum", 0.0) for s in st),
                         sum(s.get("clip_sum", 0.0) for s in st),
                         sum(s.get("akl_sum", 0.0) for s in st),
                         sum(s["vl_sum"] for s in cst),
                         sum(s.get("ptx_sum", 0.0) for s in st),
-                    ]
+                    ],
+                    self.ps,
                 )
                 for k, v in zip(("pg", "clip", "akl", "vl", "ptx"), sums, strict=True):
                     acc[k] += v
