@@ -93,6 +93,28 @@ def _deepspeed_files(tmp: Path, ps: ParallelState, mp_rank: int) -> list[Path]:
     return mine
 
 
+def write_model_shard_files(tmp: Path, weights: dict, cfg, ps: ParallelState) -> list[Path]:
+    """DP rank 0 of each (tp, pp) writes its weights shard into `tmp/model/` (TP/PP rank (0, 0)
+    also meta.json); returns the files this rank wrote."""
+    if ps.dp_rank != 0:
+        return []
+    files = [
+        save_model_shard(
+            tmp, weights, cfg, tp=ps.tp_size, tp_rank=ps.tp_rank, pp=ps.pp_size, pp_rank=ps.pp_rank
+        )
+    ]
+    if ps.tp_rank == 0 and ps.pp_rank == 0:
+        files.append(tmp / "model" / "meta.json")
+    return files
+
+
+def write_engine_state(tmp: Path, engine, weights: dict, ps: ParallelState) -> list[Path]:
+    """DeepSpeed's state of `engine` plus its portable weight shards; returns this rank's files."""
+    engine.save_state(tmp)
+    files = _deepspeed_files(tmp, ps, engine.mpu.get_model_parallel_rank())
+    return files + write_model_shard_files(tmp, weights, engine.module.cfg, ps)
+
+
 def save_training_checkpoint(
     root: Path,
     *,
@@ -126,22 +148,7 @@ def save_training_checkpoint(
     weights = engine.full_state_dict()
 
     def write(tmp: Path) -> list[Path]:
-        engine.save_state(tmp)
-        files = _deepspeed_files(tmp, ps, engine.mpu.get_model_parallel_rank())
-        if ps.dp_rank == 0:
-            files.append(
-                save_model_shard(
-                    tmp,
-                    weights,
-                    engine.module.cfg,
-                    tp=ps.tp_size,
-                    tp_rank=ps.tp_rank,
-                    pp=ps.pp_size,
-                    pp_rank=ps.pp_rank,
-                )
-            )
-            if ps.tp_rank == 0 and ps.pp_rank == 0:
-                files.append(tmp / "model" / "meta.json")
+        files = write_engine_state(tmp, engine, weights, ps)
         files.append(save_rng_state(tmp, ps.rank, trackers))
         path = _rank_file(tmp, ps.rank)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,40 +25,20 @@ import torch
 import torch.distributed as dist
 
 from megarlhf.checkpoint import atomic
-from megarlhf.checkpoint.model_shards import save_model_shard
 from megarlhf.checkpoint.rng import save_rng_state
 from megarlhf.config import save_config
 from megarlhf.parallel.state import ParallelState
 from megarlhf.trainers.checkpointing import (
     CONFIG_FILE,
     ResumeError,
-    _deepspeed_files,
     _rank_file,
     layout_meta,
+    write_engine_state,
+    write_model_shard_files,
 )
 from megarlhf.trainers.engine import TrainEngine
 
 CRITIC_SUBDIR = "critic"
-
-
-def _write_engine(tmp: Path, engine: TrainEngine, weights: dict, ps: ParallelState) -> list:
-    engine.save_state(tmp)
-    files = _deepspeed_files(tmp, ps, engine.mpu.get_model_parallel_rank())
-    if ps.dp_rank == 0:
-        files.append(
-            save_model_shard(
-                tmp,
-                weights,
-                engine.module.cfg,
-                tp=ps.tp_size,
-                tp_rank=ps.tp_rank,
-                pp=ps.pp_size,
-                pp_rank=ps.pp_rank,
-            )
-        )
-        if ps.tp_rank == 0 and ps.pp_rank == 0:
-            files.append(tmp / "model" / "meta.json")
-    return files
 
 
 def save_ppo_checkpoint(
@@ -86,24 +66,11 @@ def save_ppo_checkpoint(
     critic_w = critic.full_state_dict() if critic is not None else None
 
     def write(tmp: Path) -> list:
-        files = _write_engine(tmp, actor, actor_w, ps)
+        files = write_engine_state(tmp, actor, actor_w, ps)
         if critic is not None:
-            files += _write_engine(tmp / CRITIC_SUBDIR, critic, critic_w, ps)
+            files += write_engine_state(tmp / CRITIC_SUBDIR, critic, critic_w, ps)
         for sub, weights in (extra_models or {}).items():
-            if ps.dp_rank == 0:
-                files.append(
-                    save_model_shard(
-                        tmp / sub,
-                        weights,
-                        actor.module.cfg,
-                        tp=ps.tp_size,
-                        tp_rank=ps.tp_rank,
-                        pp=ps.pp_size,
-                        pp_rank=ps.pp_rank,
-                    )
-                )
-                if ps.tp_rank == 0 and ps.pp_rank == 0:
-                    files.append(tmp / sub / "model" / "meta.json")
+            files += write_model_shard_files(tmp / sub, weights, actor.module.cfg, ps)
         files.append(save_rng_state(tmp, ps.rank, trackers))
         path = _rank_file(tmp, ps.rank)
         path.parent.mkdir(parents=True, exist_ok=True)
