@@ -1,0 +1,1 @@
+"""Performance models: FLOPs (for TFLOPs / MFU) and memory (for the cluster planner)."""
