@@ -1,0 +1,2 @@
+"""Evaluation: simulated labelers and their statistics (`labelers`), and model measurements on
+checkpoints (`lm`: log-probs, perplexity, reward scores)."""
