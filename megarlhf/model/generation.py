@@ -148,7 +148,7 @@ def generate(
     alive = torch.ones(b, dtype=torch.bool, device=device)
     response_mask = torch.zeros(b, n, dtype=torch.bool, device=device)
     next_pos = prompt_mask.long().sum(-1)  # position of the first response token per row
-    logits = model(prompt_ids, attention_mask=prompt_mask, kv_cache=cache)[:, -1]
+    logits = model(prompt_ids, attention_mask=prompt_mask, kv_cache=cache, last_only=True)[:, -1]
     for t in range(n):
         full = gather_from_tensor_parallel_region(logits, ps.tp_group)[:, : cfg.vocab_size]
         tok, lp = sample_tokens(full, gen, generator)

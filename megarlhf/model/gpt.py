@@ -335,6 +335,7 @@ class GPTModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         kv_cache=None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Run this stage.
 
@@ -345,6 +346,8 @@ class GPTModel(nn.Module):
             position_ids: [b, s]; default: counted over valid tokens (left padding aware).
             segment_ids: [b, s] packed-sample ids; attention stays within equal ids.
             kv_cache: a KVCache; the new keys/values are appended and attended after the old.
+            last_only: on the last stage, the head runs on the last position only (output
+                [b, 1, ...]): a generation prefill needs only the next token's logits.
         Returns:
             On the last stage: the logits shard [b, s, padded_vocab / tp] (head "lm") or scores
             [b, s, num_head_outputs] (head "scalar"); on other stages hidden [b, s, h].
@@ -371,6 +374,8 @@ class GPTModel(nn.Module):
             kv_cache.advance(s)
         if not self.post_process:
             return x
+        if last_only:
+            x = x[:, -1:]
         if self.cfg.head == "scalar":
             return self.head(self.final_norm(x))
         return self.logits(self.final_norm(x))
