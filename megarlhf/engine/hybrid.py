@@ -18,6 +18,11 @@ whole batch. A ZeRO-3 actor is gathered whole for the copy (`GatheredParameters`
 parameters at once: simple, but it peaks at a full unpartitioned replica on top of the copy).
 With dp_g == 1 the generated batch does not depend on the training layout, which is what the
 layout-equality tests rely on.
+
+When the generation layout is the training layout (pipeline size 1, the same TP size, so the same
+groups, and no ZeRO-3 partitions), steps 1 and 3 are skipped: the actor's own module generates
+(in eval mode, restored afterwards). The copy would hold the same tensors in the same layout, so
+the tokens are the same; it only cost a model's worth of memory and a copy per rollout.
 """
 
 from __future__ import annotations
@@ -93,6 +98,12 @@ class HybridEngine:
         """Sampling seed of this rank's generation group at rollout `step`."""
         return rollout_seed(self.gen_cfg.seed, step, self.gen_ps.dp_rank)
 
+    def generates_in_place(self) -> bool:
+        """Whether the actor itself can generate: the generation layout is its training layout."""
+        a, g = self.actor.ps, self.gen_ps
+        same = (a.pp_size, a.tp_size, a.tp_rank, a.dp_rank) == (1, g.tp_size, g.tp_rank, g.dp_rank)
+        return same and not any(hasattr(p, "ds_id") for p in self.actor.parameters())
+
     def build_generation_model(self) -> GPTModel:
         """A generation-layout copy of the actor's current weights (collective)."""
         model = GPTModel(self.actor.cfg, self.gen_ps, skip_init=True)
@@ -113,11 +124,12 @@ class HybridEngine:
     def rollout(self, prompts: list[list[int]], step: int) -> list[Sample]:
         """Generate answers to the global prompt batch; every rank returns all samples in order.
 
-        Collective over the world. Sets `self.timings`: time_reshard (build + re-shard the copy),
-        time_generate (generation, release and redistribution).
+        Collective over the world. Sets `self.timings`: time_reshard (build + re-shard the copy;
+        ~0 when generating in place), time_generate (generation, release and redistribution).
         """
         t0 = time.perf_counter()
-        model = self.build_generation_model()
+        in_place = self.generates_in_place()
+        model = self.actor if in_place else self.build_generation_model()
         t1 = time.perf_counter()
         start, end = slice_bounds(len(prompts), self.gen_ps.dp_rank, self.gen_ps.dp_size)
         mine: list[Sample] = []
@@ -136,7 +148,8 @@ class HybridEngine:
                 )
             del out
         del model
-        gc.collect()
+        if not in_place:  # a full collection costs ~0.2 s with a large heap: only for the copy
+            gc.collect()
         samples = self._gather(mine)
         self.timings = {"time_reshard": t1 - t0, "time_generate": time.perf_counter() - t1}
         return samples
