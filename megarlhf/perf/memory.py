@@ -357,10 +357,13 @@ def head_bytes(cfg: ModelConfig, b: int, s: int, tp: int, backward: bool) -> flo
     return out + copies * logits
 
 
-def activation_bytes(cfg: ModelConfig, spec: PlanSpec, b: int, s: int, n_micro: int) -> float:
-    """Activations held by the busiest stage at the start of backward (no head)."""
+def activation_bytes(
+    cfg: ModelConfig, spec: PlanSpec, b: int, s: int, n_micro: int, first_stage: bool = True
+) -> float:
+    """Activations a pipeline stage holds at the start of backward (no head): the first stage
+    has min(pp, n_micro) micro-batches in flight under 1F1B, the last stage one."""
     layers = math.ceil(cfg.num_layers / spec.pp)
-    in_flight = min(spec.pp, n_micro)
+    in_flight = min(spec.pp, n_micro) if first_stage else 1
     masked = spec.padding_mask
     per_layer = layer_activation_bytes(cfg, b, s, spec.tp, masked)
     if not cfg.activation_recompute:
@@ -391,6 +394,8 @@ class RoleMemory:
     activations: float = 0.0
     logits: float = 0.0
     kv_cache: float = 0.0
+    # Activations + logits buffers of the busiest stage at the start of backward.
+    backward_start: float = 0.0
     colocated: bool = True
 
 
@@ -401,14 +406,19 @@ def trained_role(cfg: ModelConfig, spec: PlanSpec, n_micro: int) -> RoleMemory:
     b, s = spec.micro_batch, spec.prompt_len + spec.response_len
     acts = activation_bytes(cfg, spec, b, s, n_micro)
     head = head_bytes(cfg, b, s, spec.tp, backward=True)
-    return RoleMemory(st.weights, st.grads, st.master, st.optim, st.step_transient, acts, head)
+    start = acts + head
+    if spec.pp > 1:  # the head lives on the last stage, the most micro-batches on the first
+        start = max(acts, activation_bytes(cfg, spec, b, s, n_micro, first_stage=False) + head)
+    m = RoleMemory(st.weights, st.grads, st.master, st.optim, st.step_transient, acts, head)
+    m.backward_start = start
+    return m
 
 
 def training_extra(m: RoleMemory) -> float:
     """Peak above the resident state during one optimizer step: the start of backward
     (activations, logits and their gradient) or its end (gradients and the step's transients).
     Backward frees a layer's activations as it allocates its gradients, so the two do not add."""
-    return max(m.activations + m.logits, m.grads + m.step_transient)
+    return max(m.backward_start, m.grads + m.step_transient)
 
 
 def train_step_peak(cfg: ModelConfig, spec: PlanSpec, n_micro: int = 1) -> float:

@@ -32,6 +32,7 @@ from megarlhf.perf.memory import (
     rollout_extra,
     train_state,
     train_step_peak,
+    trained_role,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,6 +101,19 @@ def test_activation_and_cache_bytes_by_hand():
     assert kv_cache_bytes(c, 3, 16, 2) == 2 * 2 * 3 * 2 * 16 * 16 * 2 + 3 * 16
 
 
+def test_pipeline_stages_activations_and_head():
+    # 4 layers over pp 2 with 4 micro-batches: the first stage holds 2 micro-batches of its 2
+    # layers (1F1B), the last stage 1 micro-batch of 2 layers plus the head.
+    c = dataclasses.replace(TINY, num_layers=4, vocab_size=4096)
+    sp = spec(model=c, gpus_per_node=2, pp=2, dp=1, micro_batch=1, rollout_batch=4, recompute=False)
+    layer = layer_activation_bytes(sp.shape("actor"), 1, 16, 1, masked=True)
+    m = trained_role(sp.shape("actor"), sp, n_micro=4)
+    assert m.activations == 2 * 2 * layer
+    assert m.backward_start == max(4 * layer, 2 * layer + m.logits)
+    # bf16 logits [1, 16, 4096], three of them in backward, + two saved [1, 16, 64] norm tensors.
+    assert m.logits == 3 * 2 * 16 * 4096 + 2 * 2 * 16 * 64
+
+
 def test_plan_phases_and_fit():
     p = plan(spec(zero=1, dtype="bf16", gpu_mem=1.0))
     assert set(p.phases) == {"rollout", "experience", "training"}
@@ -160,8 +174,8 @@ MEASURE_ENV = {
 # gpt2 fp32 at ZeRO 0: activations and logits dominate; llama fp32 at ZeRO 1: the optimizer step;
 # bf16 at ZeRO 1 (small batch: bf16 matmuls are slow on CPU): the mixed-precision 16-byte rule.
 TRAIN_CASES = {
-    "gpt2_zero0": ("gpt2", 512, 4, 8, 8192, 8, 256, 0, "fp32"),
-    "llama_zero1": ("llama", 512, 4, 8, 8192, 4, 256, 1, "fp32"),
+    "gpt2_zero0": ("gpt2", 512, 4, 8, 8192, 4, 256, 0, "fp32"),
+    "llama_zero1": ("llama", 512, 4, 8, 8192, 2, 256, 1, "fp32"),
     "gpt2_bf16_zero1": ("gpt2", 512, 4, 8, 8192, 1, 32, 1, "bf16"),
 }
 # PPO: actor / critic / reference of this shape, rule reward, fp32, ZeRO 1, one process.
