@@ -183,9 +183,7 @@ def main(argv=None) -> int:
     parser, args = parse_args(argv)
     result = plan(build_spec(parser, args))
     if args.json:
-        d = result.to_dict()
-        d["spec"]["model"] = dict(d["spec"]["model"])
-        print(json.dumps(d, indent=1))
+        print(json.dumps(result.to_dict(), indent=1))
     else:
         print(render(result))
     return 0 if result.fits else 1

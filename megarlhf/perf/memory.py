@@ -59,8 +59,9 @@ Phases of one PPO step; the peak is the max over them:
                 logits + their gradient, end of backward: gradients + optimizer-step transients).
 Resident = the colocated models' weights and optimizer states (not the offloaded frozen models).
 
-Simplifications: no sequence parallelism, no context parallelism; ZeRO 3's live working set is
-modeled as two layers' gathered weights; the experience buffers are counted as 12 fp32 [b, s]
+Simplifications: no sequence parallelism, no context parallelism; dropout masks are not counted
+(the presets and PPO use no dropout); ZeRO 3's live working set is modeled as two layers' gathered
+weights; the experience buffers are counted as 12 fp32 [b, s]
 tensors; CUDA context, NCCL buffers and allocator fragmentation are the caller's reserve.
 """
 
@@ -492,6 +493,30 @@ class Plan:
         return asdict(self)
 
 
+def _resident(role: str, m: RoleMemory, spec: PlanSpec) -> float:
+    """Bytes a role keeps on these GPUs between uses (0: elsewhere, or offloaded to CPU)."""
+    if not m.colocated or (role in ("reference", "reward") and spec.offload_frozen):
+        return 0.0
+    return m.weights + m.master + m.optimizer
+
+
+def experience_peaks(spec: PlanSpec, roles: dict[str, RoleMemory]) -> dict[str, float]:
+    """Per colocated role, its forward-only pass over one micro-batch (one no-grad block's
+    working set and the head's outputs), plus its weights when it is an offloaded frozen model
+    brought to the GPU for the pass."""
+    b, s = spec.micro_batch, spec.prompt_len + spec.response_len
+    out = {}
+    for r, m in roles.items():
+        if not m.colocated:
+            continue
+        cfg = spec.shape(r)
+        work = layer_forward_working_set(cfg, b, s, spec.tp, spec.padding_mask)
+        work += head_bytes(cfg, b, s, spec.tp, backward=False)
+        offloaded = r in ("reference", "reward") and spec.offload_frozen
+        out[r] = work + (m.weights if offloaded else 0.0)
+    return out
+
+
 def _rows(spec: PlanSpec) -> tuple[int, int, int]:
     """(rows per training-DP rank, micro-batches per minibatch, rows per generation rank)."""
     rows = spec.rollout_batch * spec.samples_per_prompt
@@ -514,45 +539,22 @@ def plan(spec: PlanSpec) -> Plan:
         if r in here:
             roles[r] = trained_role(spec.shape(r), spec, n_micro)
             roles[r].colocated = here[r]
-            train_peak[r] = training_extra(roles[r])
+            if here[r]:
+                train_peak[r] = training_extra(roles[r])
     for r in ("reference", "reward"):
         if r in here:
             w = frozen_weights(params[r], spec)
-            roles[r] = RoleMemory(weights=w, colocated=here[r])
-
-    # Forward-only passes of the experience phase (per micro-batch, no saved activations).
-    def fwd_peak(r: str) -> float:
-        cfg = spec.shape(r)
-        work = layer_forward_working_set(cfg, b, s, spec.tp, spec.padding_mask)
-        return work + head_bytes(cfg, b, s, spec.tp, backward=False)
-
-    for r in roles:
-        if r in ("reference", "reward"):
-            roles[r].logits = head_bytes(spec.shape(r), b, s, spec.tp, backward=False)
-
-    def resident(r: str) -> float:
-        m = roles[r]
-        if not m.colocated:
-            return 0.0
-        if r in ("reference", "reward") and spec.offload_frozen:
-            return 0.0
-        return m.weights + m.master + m.optimizer
-
-    base = sum(resident(r) for r in roles)
+            head = head_bytes(spec.shape(r), b, s, spec.tp, backward=False)
+            roles[r] = RoleMemory(weights=w, logits=head, colocated=here[r])
+    base = sum(_resident(r, m, spec) for r, m in roles.items())
 
     generation = generation_memory(spec)
     copy, kv = generation["copy_weights"], generation["kv_cache"]
     roles["actor"].kv_cache = kv
     rollout = base + rollout_extra(generation)
 
-    # Experience: one forward at a time; an offloaded frozen model is on the GPU while used.
     experience_buffers = 12 * 4 * per_dp * s
-    exp_each = {}
-    for r, m in roles.items():
-        if not m.colocated:
-            continue
-        extra = m.weights if (r in ("reference", "reward") and spec.offload_frozen) else 0.0
-        exp_each[r] = extra + fwd_peak(r)
+    exp_each = experience_peaks(spec, roles)
     experience = base + experience_buffers + max(exp_each.values())
 
     training = base + experience_buffers + max(train_peak.values())

@@ -128,6 +128,13 @@ def test_plan_phases_and_fit():
     # A model not colocated does not count here.
     alone = plan(spec(zero=1, dtype="bf16", colocate=("actor", "critic")))
     assert alone.phase_detail["rollout"]["resident"] == res - drop
+    # A critic on other GPUs neither trains nor sits here.
+    no_critic = plan(spec(zero=1, dtype="bf16", colocate=("actor", "reference", "reward")))
+    assert "critic" not in no_critic.phase_detail["training"]
+    assert "critic" not in no_critic.phase_detail["experience"]
+    critic = p.roles["critic"]
+    moved = critic.weights + critic.master + critic.optimizer
+    assert no_critic.phase_detail["training"]["resident"] == res - moved
     # Same generation and training layout: the actor generates in place (no copy); another
     # generation TP, or ZeRO 3 partitions, need a copy (at tp_g = 1: the whole model).
     assert p.generation["copy_weights"] == 0
