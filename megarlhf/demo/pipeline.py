@@ -40,7 +40,7 @@ class DemoConfig:
     seed: int = 0
     # Clauses of pre-training text (0: every clause not held out, about 32k).
     pretrain_clauses: int = 0
-    pretrain_epochs: int = 3
+    pretrain_epochs: int = 2
     # SFT demonstrations: training-pool continuations with VADER compound >= sft_min_score.
     sft_demos: int = 3000
     sft_min_score: float = 0.5
