@@ -159,9 +159,8 @@ def generate(
             alive = alive & (tok != eos_id)
         if not alive.any() or t == n - 1:
             break
-        logits = model(
+        logits = model(  # no attention_mask: every new slot is a real key
             responses[:, t : t + 1],
-            attention_mask=torch.ones(b, 1, dtype=prompt_mask.dtype, device=device),
             position_ids=(next_pos + t)[:, None],
             kv_cache=cache,
         )[:, -1]

@@ -357,7 +357,7 @@ class GPTModel(nn.Module):
         offset = 0 if kv_cache is None else kv_cache.length
         if kv_cache is not None:
             kv_cache.reserve(s, attention_mask)
-            key_valid = kv_cache.key_valid[:, : offset + s]
+            key_valid = kv_cache.key_valid[:, : offset + s] if kv_cache.padded else None
         else:
             key_valid = attention_mask
         if position_ids is None:

@@ -23,6 +23,9 @@ class KVCache:
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.max_len = max_len
         self.length = 0  # slots filled by completed forward calls
+        # Whether any reserved slot is padding; while not, attention needs no key mask (decode
+        # steps then take SDPA's mask-free path, about twice as fast on CPU).
+        self.padded = False
 
     def reserve(self, new: int, valid: torch.Tensor | None) -> None:
         """Mark slots [length, length + new) valid per `valid` [batch, new] (before the layers)."""
@@ -30,6 +33,8 @@ class KVCache:
             raise ValueError(f"KV cache overflow: {self.length} + {new} > {self.max_len} slots")
         end = self.length + new
         self.key_valid[:, self.length : end] = True if valid is None else valid.bool()
+        if valid is not None and not self.padded:
+            self.padded = not bool(valid.all())
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Append k, v [batch, kv_heads, new, head_dim] for `layer`; return all so far."""

@@ -28,11 +28,13 @@ def build_attention_mask(
         offset: slot of the first query in the key sequence (KV-cache length before this call).
         k_len: key length (defaults to offset + q_len).
     Returns:
-        None when the mask is exactly causal without offset (callers use the fused causal path).
+        None when the mask is exactly causal without offset (callers use the fused causal path),
+        or when one query at the last slot sees every key (a decode step without padding).
     """
     k_len = offset + q_len if k_len is None else k_len
-    if key_valid is None and segment_ids is None and offset == 0 and k_len == q_len:
-        return None
+    if key_valid is None and segment_ids is None and k_len == offset + q_len:
+        if offset == 0 or q_len == 1:
+            return None
     if key_valid is not None:
         device = key_valid.device
     elif segment_ids is not None:
