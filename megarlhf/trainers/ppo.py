@@ -11,7 +11,8 @@ One PPO step (every rank):
   1. rollout of `ppo.rollout_batch_size` prompts; each rank keeps its training-DP slice;
   2. forward-only passes in the training layout (pipeline schedule; the last stage's outputs are
      broadcast over the pipeline): actor log-probs (recomputed; `logprob_mismatch` = max |gen -
-     recomputed| is logged), reference log-probs, values, the RM score at the last response token;
+     recomputed| is logged; `ppo.recompute_old_logprobs=false` keeps generation's instead),
+     reference log-probs, values, the RM score at the last response token;
   3. `token_rewards` (-beta KL per token + score at the last token), `gae`, whitened advantages
      (over the whole rollout batch: statistics are all-reduced over DP);
   4. `ppo.ppo_epochs` x `ppo.num_minibatches` optimizer steps of the clipped surrogate (plus the
@@ -340,15 +341,18 @@ class PPOTrainer:
         b, n = batch["mask"].shape
         times = {}
         t0 = time.perf_counter()
-        self.actor.train(False)
-        both = self._infer(
-            self.actor,
-            mbs,
-            lambda out, mb: torch.stack(self._logprobs(out, mb, entropy=True), -1),
-            (b, n, 2),
-        )
-        self.actor.train(True)
-        old, entropy = both[..., 0], both[..., 1]
+        if p.recompute_old_logprobs:
+            self.actor.train(False)
+            both = self._infer(
+                self.actor,
+                mbs,
+                lambda out, mb: torch.stack(self._logprobs(out, mb, entropy=True), -1),
+                (b, n, 2),
+            )
+            self.actor.train(True)
+            old, entropy = both[..., 0], both[..., 1]
+        else:
+            old, entropy = batch["gen_logprobs"], -batch["gen_logprobs"]
         t1 = time.perf_counter()
         with self.reference.use() as reference:
             ref = self._infer(reference, mbs, lambda out, mb: self._logprobs(out, mb), (b, n))

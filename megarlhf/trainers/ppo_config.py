@@ -130,6 +130,11 @@ class PPOConfig:
     reward_model: str = ""
     # Critic initialization; empty: from ppo.reward_model (as in InstructGPT).
     critic_init: str = ""
+    # Recompute the old log-probs with a training-layout forward of the actor (and log the
+    # mismatch with generation's); false takes generation's log-probs as they are (one actor
+    # forward less per step, as TRL does; the entropy metric is then the sampled tokens' mean
+    # -log p, a one-sample estimate).
+    recompute_old_logprobs: bool = True
     # Keep the frozen reference and reward model in CPU memory between uses (moved to the
     # compute device only for their forwards).
     offload_frozen: bool = False
