@@ -210,6 +210,7 @@ def common_fields(args, cfg, ps, params: int, peak: tuple[float, str]) -> dict:
         "ppo_epochs": args.ppo_epochs,
         "num_minibatches": args.num_minibatches,
         "micro_batch_size": cfg.ppo.micro_batch_size,
+        "recompute_old_logprobs": cfg.ppo.recompute_old_logprobs,
         "iters": args.iters,
         "warmup": args.warmup,
         "peak_tflops": peak[0],
@@ -277,6 +278,9 @@ def run_ppo(cfg, args, ps, peak) -> dict:
     flops = ppo_iteration_flops(
         cfg.model, critic, critic, args.batch, args.prompt_len, args.response_len, args.ppo_epochs
     )
+    if not cfg.ppo.recompute_old_logprobs:  # generation's log-probs: no actor forward
+        flops["total"] -= flops["actor_forward"]
+        flops["actor_forward"] = 0.0
     rep = common_fields(args, cfg, ps, params, peak)
     rep.update(
         ppo_report(

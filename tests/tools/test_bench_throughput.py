@@ -99,6 +99,20 @@ def test_ppo_fields_and_consistency(tmp_path):
     assert rep["params"] == V * H + 256 * H + L * (12 * H * H + 13 * H) + 2 * H  # + wpe 256 rows
 
 
+def test_ppo_without_old_logprob_recompute(tmp_path):
+    rep = run_tool(tmp_path, *SHAPE, "--iters", "1", "--warmup", "1", "--peak-tflops", "1",
+                   "ppo.recompute_old_logprobs=false")  # fmt: skip
+    s = P + N
+    assert rep["recompute_old_logprobs"] is False
+    # one epoch; no actor forward: reference (lm head), critic and reward forwards only
+    expected = gen_flops(B, P, N) + fwd(B, s, s, V) + 2 * fwd(B, s, s, 1)
+    expected += 3 * (fwd(B, s, s, V) + fwd(B, s, s, 1))
+    assert rep["flops_per_iteration"] == pytest.approx(expected, rel=1e-12)
+    assert rep["stages"]["actor_forward"]["flops"] == 0.0
+    assert rep["stages"]["actor_forward"]["latency_s"] < 0.01
+    check_throughput(rep, B, s)
+
+
 def test_torchrun_two_ranks_data_parallel_zero1(tmp_path):
     torchrun = str(Path(sys.executable).parent / "torchrun")
     launcher = (torchrun, "--nproc_per_node", "2", "--master_port", "29647")
