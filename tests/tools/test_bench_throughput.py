@@ -149,6 +149,8 @@ def test_compare_trl(tmp_path):
     assert rep["trl_e2e_latency_s"] == pytest.approx(sum(trl) / 2)
     assert rep["trl_samples_per_s"] == pytest.approx(B / rep["trl_e2e_latency_s"])
     assert rep["trl_ratio"] == pytest.approx(rep["samples_per_s"] / rep["trl_samples_per_s"])
+    ours = sorted(rep["iteration_latencies_s"])
+    assert rep["trl_ratio_median"] == pytest.approx((trl[0] + trl[1]) / (ours[0] + ours[1]))
 
 
 def test_compare_hf_generate(tmp_path):
