@@ -15,13 +15,13 @@ Families: GPT-2 (model_type gpt2) and LLaMA-style (llama, mistral). The peak RSS
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 from pathlib import Path
 
 from megarlhf.checkpoint.model_shards import CheckpointError
 from megarlhf.convert import hf_to_megarlhf, megarlhf_to_hf, reshard
+from megarlhf.utils.rss import peak_rss_bytes
 
 
 def parse_size(text: str) -> int:
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:  # ConversionError included
         print(f"convert_hf: error: {e}", file=sys.stderr)
         return 1
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mib = peak_rss_bytes() / 2**20
     elapsed = time.perf_counter() - start
     print(f"wrote {Path(out)}: {what} in {elapsed:.1f}s; peak RSS {peak_mib:.0f} MiB")
     return 0

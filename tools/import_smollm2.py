@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import resource
 import sys
 from pathlib import Path
 
@@ -103,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
     info = import_smollm2(args.out, args.dtype, args.force)
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from megarlhf.utils.rss import peak_rss_bytes
+
+    peak_mib = peak_rss_bytes() / 2**20
     print(
         f"wrote {info['out']} from {info['gguf']} ({info['dtype']}), special token ids "
         f"{info['token_ids']}; peak RSS {peak_mib:.0f} MiB"

@@ -10,12 +10,12 @@ so that samples/s is exactly batch / mean latency).
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from pathlib import Path
 
 import torch
+
+from megarlhf.utils.rss import peak_rss_bytes
 
 # Dense peak TFLOPs of accelerators from their vendors' data sheets (no sparsity), by dtype.
 # fp32 is the plain (non-tensor-core) rate; our fp32 matmuls may run as TF32 only if the user
@@ -75,13 +75,12 @@ def peak_memory_bytes() -> tuple[int, str]:
     """(peak bytes of this process, what was measured).
 
     CUDA: torch.cuda.max_memory_allocated (tensors only). CPU: the peak resident set size of the
-    process from getrusage (ru_maxrss: KiB on Linux, bytes on macOS), which includes the Python
-    interpreter, torch's code and every library, not only tensors.
+    process (`megarlhf.utils.rss`: VmHWM on Linux), which includes the Python interpreter, torch's
+    code and every library, not only tensors.
     """
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return int(torch.cuda.max_memory_allocated()), "cuda_max_memory_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024), "cpu_peak_rss"
+    return peak_rss_bytes(), "cpu_peak_rss"
 
 
 def synthetic_prompts(n: int, length: int, vocab: int, seed: int, low: int = 4) -> list[list[int]]:

@@ -1,7 +1,8 @@
 """The memory model: hand-computed unit cases, and predictions against MEASURED peak memory.
 
-Measurements run in a fresh process (this file is also that process's script) on CPU:
-peak RSS (`ru_maxrss`) minus the RSS after imports and after a warm-up of the same code path on a
+Measurements run in a fresh process (this file is also that process's script) on CPU: peak RSS
+(VmHWM, `megarlhf.utils.rss`; not ru_maxrss, which Linux carries over from the pytest process
+across fork + exec) minus the RSS after imports and after a warm-up of the same code path on a
 tiny model. The warm-up pays DeepSpeed's fixed costs (its shared-memory op, accelerator setup:
 about 155 MB, a framework reserve on a GPU) so that what remains is model memory. glibc's
 `MALLOC_MMAP_THRESHOLD_` is pinned at 64 KiB so every tensor is its own mapping, returned to the
@@ -34,6 +35,7 @@ from megarlhf.perf.memory import (
     train_step_peak,
     trained_role,
 )
+from megarlhf.utils.rss import peak_rss_bytes, rss_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 0.20
@@ -295,14 +297,13 @@ def test_rollout_peak_matches_measurement(measured, rank):
 
 
 def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return rss_bytes()
 
 
 def _peak_rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # Not ru_maxrss: Linux carries it over fork + exec, so this process would report the size
+    # of the pytest process that started it (megarlhf/utils/rss.py).
+    return peak_rss_bytes()
 
 
 def _init_world(rank: int = 0, world: int = 1):
