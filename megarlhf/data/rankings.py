@@ -26,6 +26,7 @@ import torch
 
 from megarlhf.data.sft import DataError, _check_type, _Invalid
 from megarlhf.data.tokenizer import Tokenizer
+from megarlhf.model.generation import right_pad
 
 logger = logging.getLogger(__name__)
 
@@ -177,12 +178,7 @@ def collate_rankings(samples: Sequence[RankingSample], pad_id: int) -> dict[str,
         laid out prompt after prompt; ranks [N]; group_sizes [num_prompts].
     """
     flat = [c for s in samples for c in s.completions]
-    width = max(len(c) for c in flat)
-    ids = torch.full((len(flat), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(flat), width, dtype=torch.long)
-    for i, c in enumerate(flat):
-        ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-        mask[i, : len(c)] = 1
+    ids, mask = right_pad(flat, pad_id)
     return {
         "input_ids": ids,
         "attention_mask": mask,

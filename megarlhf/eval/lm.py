@@ -12,7 +12,7 @@ import torch
 from megarlhf.algos.ranking import last_token_scores
 from megarlhf.checkpoint.model_shards import load_model_shard, read_meta, resolve_checkpoint_dir
 from megarlhf.config import GenerationConfig
-from megarlhf.model.generation import generate, left_pad
+from megarlhf.model.generation import generate, left_pad, right_pad
 from megarlhf.model.gpt import GPTModel
 from megarlhf.parallel.state import single_process_state
 
@@ -23,16 +23,6 @@ def load_model(path: str) -> GPTModel:
     model = GPTModel(read_meta(ckpt).model, single_process_state(), skip_init=True)
     model.load_state_dict(load_model_shard(ckpt, tp=1, tp_rank=0, pp=1, pp_rank=0), strict=True)
     return model.eval()
-
-
-def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
 
 
 @dataclass
@@ -76,7 +66,7 @@ def response_logprobs(
     out = []
     for start in range(0, len(prompts), batch_size):
         ps, rs = prompts[start : start + batch_size], responses[start : start + batch_size]
-        ids, mask = _right_pad([p + r for p, r in zip(ps, rs, strict=True)], 0)
+        ids, mask = right_pad([p + r for p, r in zip(ps, rs, strict=True)], 0)
         logp = torch.log_softmax(model(ids, attention_mask=mask).float() / temperature, -1)
         for i, (p, r) in enumerate(zip(ps, rs, strict=True)):
             pos = torch.arange(len(p) - 1, len(p) + len(r) - 1)
@@ -101,7 +91,7 @@ def reward_scores(
     out = []
     for start in range(0, len(prompts), batch_size):
         ps, rs = prompts[start : start + batch_size], responses[start : start + batch_size]
-        ids, mask = _right_pad([p + r for p, r in zip(ps, rs, strict=True)], 0)
+        ids, mask = right_pad([p + r for p, r in zip(ps, rs, strict=True)], 0)
         scores = last_token_scores(model(ids, attention_mask=mask)[..., 0].float(), mask)
         out.append(scores.numpy())
     return np.concatenate(out).astype(np.float64)

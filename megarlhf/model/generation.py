@@ -40,15 +40,25 @@ class GenerationOutput:
     logprobs: torch.Tensor
 
 
+def _pad(rows, pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        cols = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, cols] = torch.tensor(r, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists as a left-padded batch: (ids [b, longest], mask [b, longest], 1 = token)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p) :] = 1
-    return ids, mask
+    return _pad(prompts, pad_id, left=True)
+
+
+def right_pad(rows, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as a right-padded batch: (ids [b, longest], mask [b, longest], 1 = token)."""
+    return _pad(rows, pad_id, left=False)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -26,6 +26,7 @@ from megarlhf.algos.ranking import last_token_scores
 from megarlhf.data.sampler import even_split
 from megarlhf.data.sft import load_sft_dataset
 from megarlhf.data.tokenizer import Tokenizer
+from megarlhf.model.generation import right_pad
 from megarlhf.parallel.pipeline import get_forward_backward_func
 from megarlhf.parallel.state import ParallelState
 
@@ -34,12 +35,7 @@ logger = logging.getLogger(__name__)
 
 def collate_sequences(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """input_ids / attention_mask [n, longest] of token sequences, right-padded."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
+    ids, mask = right_pad(seqs, pad_id)
     return {"input_ids": ids, "attention_mask": mask}
 
 
