@@ -45,6 +45,7 @@ from megarlhf.checkpoint.rng import load_rng_state, save_rng_state
 from megarlhf.config import save_config
 from megarlhf.parallel.state import ParallelState
 from megarlhf.trainers.engine import DS_SUBDIR, DS_TAG, TrainEngine
+from megarlhf.utils.metrics import MetricsLogger
 
 logger = logging.getLogger(__name__)
 
@@ -242,3 +243,11 @@ def load_training_checkpoint(ckpt: Path, *, engine: TrainEngine, ps: ParallelSta
 
 def restore_rng(ckpt: Path, ps: ParallelState, trackers: dict) -> None:
     load_rng_state(ckpt, ps.rank, trackers)
+
+
+def open_run_dir(output_dir: Path, cfg, resume_step: int, tensorboard: bool) -> MetricsLogger:
+    """Rank 0 at the start of training: the output folder, the run's config.yaml, and the metrics
+    sinks (continuing after `resume_step` when resuming, -1 for a fresh run)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, output_dir / CONFIG_FILE)
+    return MetricsLogger(output_dir, tensorboard, resume_step)

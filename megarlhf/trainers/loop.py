@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megarlhf.config import ConfigError, save_config
+from megarlhf.config import ConfigError
 from megarlhf.data.tokenizer import load_tokenizer
 from megarlhf.model.gpt import GPTModel
 from megarlhf.parallel.pipeline import get_forward_backward_func
@@ -42,7 +42,6 @@ from megarlhf.parallel.state import ParallelState
 from megarlhf.trainers import checkpointing as ckpt
 from megarlhf.trainers.engine import TrainEngine
 from megarlhf.trainers.init_from import load_init_weights
-from megarlhf.utils.metrics import MetricsLogger
 from megarlhf.utils.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -196,10 +195,8 @@ class TrainLoop:
         cfg, c, loop = self.cfg, self.counters, self.loop_cfg
         metrics = None
         if self.is_rank0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.output_dir / ckpt.CONFIG_FILE)
             resume_step = c.step if self.resumed_from is not None else -1
-            metrics = MetricsLogger(self.output_dir, cfg.logging.tensorboard, resume_step)
+            metrics = ckpt.open_run_dir(self.output_dir, cfg, resume_step, cfg.logging.tensorboard)
         progress = Progress(
             self.total_steps, c.step, enabled=self.is_rank0 and cfg.logging.progress_bar
         )

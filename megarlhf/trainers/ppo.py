@@ -50,7 +50,7 @@ from megarlhf.algos.ranking import last_token_scores
 from megarlhf.algos.stats import whiten_with_moments
 from megarlhf.checkpoint.model_shards import read_meta
 from megarlhf.checkpoint.rng import load_rng_state
-from megarlhf.config import ConfigError, save_config
+from megarlhf.config import ConfigError
 from megarlhf.data.tokenizer import load_tokenizer
 from megarlhf.engine.hybrid import HybridEngine, Sample, slice_bounds
 from megarlhf.engine.offload import FrozenModel
@@ -73,7 +73,6 @@ from megarlhf.trainers.loop import TrainerHooks, seed_everything
 from megarlhf.trainers.ppo_checkpoint import load_ppo_checkpoint, save_ppo_checkpoint
 from megarlhf.trainers.ppo_config import PPORunConfig, engine_config
 from megarlhf.trainers.ppo_data import EpochSampler, load_prompts, load_ptx_rows
-from megarlhf.utils.metrics import MetricsLogger
 from megarlhf.utils.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -613,10 +612,8 @@ class PPOTrainer:
         cfg, p = self.cfg, self.cfg.ppo
         metrics = None
         if self.is_rank0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.output_dir / ckpt.CONFIG_FILE)
             resume_step = self.step if self.resumed_from is not None else -1
-            metrics = MetricsLogger(self.output_dir, cfg.logging.tensorboard, resume_step)
+            metrics = ckpt.open_run_dir(self.output_dir, cfg, resume_step, cfg.logging.tensorboard)
         bar = self.is_rank0 and cfg.logging.progress_bar
         progress = Progress(p.max_steps, self.step, enabled=bar)
         if self.resumed_from is not None:  # last, so nothing in between draws from them
