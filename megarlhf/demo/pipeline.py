@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from megarlhf.demo import corpus
 from megarlhf.eval import labelers
@@ -201,7 +202,9 @@ class Demo:
             "sft_demos": len(demos), "positive_pool": len(positive),
         }  # fmt: skip
         (d / "sizes.json").write_text(json.dumps(sizes, indent=1) + "\n")
-        vocab = 2048
+        # The tokenizer fills the demo model's vocabulary exactly (configs/demo/model.yaml).
+        model_yaml = yaml.safe_load((ROOT / "configs" / "demo" / "model.yaml").read_text())
+        vocab = model_yaml["model"]["vocab_size"]
         self._tool(
             "train_tokenizer.py", "--input", d / "pretrain.txt", "--vocab-size", vocab,
             "--output", self.tokenizer,
