@@ -150,20 +150,38 @@ def save_training_checkpoint(
 
     def write(tmp: Path) -> list[Path]:
         files = write_engine_state(tmp, engine, weights, ps)
-        files.append(save_rng_state(tmp, ps.rank, trackers))
-        path = _rank_file(tmp, ps.rank)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"counters": vars(counters).copy(), "loader": loader_state}, path)
-        files.append(path)
+        loop_state = {"counters": vars(counters).copy(), "loader": loader_state}
+        files += write_loop_state(tmp, ps, trackers, loop_state, run_config)
         if ps.rank == 0:
-            save_config(run_config, tmp / CONFIG_FILE)
             info = {**vars(counters), **layout_meta(ps, engine.zero_stage)}
             (tmp / TRAINER_JSON).write_text(json.dumps(info, indent=1) + "\n")
-            files += [tmp / CONFIG_FILE, tmp / TRAINER_JSON]
+            files.append(tmp / TRAINER_JSON)
         if before_commit is not None:
             before_commit(step)
         return files
 
+    meta = {**layout_meta(ps, engine.zero_stage), "step": step}
+    return commit_checkpoint(root, step, write, ps, keep_last, meta)
+
+
+def write_loop_state(tmp: Path, ps: ParallelState, trackers, state, run_config) -> list[Path]:
+    """This rank's RNG states and loop state (torch-saved); rank 0 also the run's config.yaml.
+    Returns the files written."""
+    files = [save_rng_state(tmp, ps.rank, trackers)]
+    path = _rank_file(tmp, ps.rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    files.append(path)
+    if ps.rank == 0:
+        save_config(run_config, tmp / CONFIG_FILE)
+        files.append(tmp / CONFIG_FILE)
+    return files
+
+
+def commit_checkpoint(
+    root: Path, step: int, write: Callable, ps: ParallelState, keep_last: int, meta: dict
+) -> Path:
+    """`atomic.save_checkpoint` over every rank of `ps` (a barrier when there are several)."""
     return atomic.save_checkpoint(
         root,
         step,
@@ -172,7 +190,7 @@ def save_training_checkpoint(
         world_size=ps.world_size,
         barrier=atomic.process_group_barrier() if ps.world_size > 1 else None,
         keep_last=keep_last,
-        meta={**layout_meta(ps, engine.zero_stage), "step": step},
+        meta=meta,
     )
 
 

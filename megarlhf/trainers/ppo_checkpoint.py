@@ -24,16 +24,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megarlhf.checkpoint import atomic
-from megarlhf.checkpoint.rng import save_rng_state
-from megarlhf.config import save_config
 from megarlhf.parallel.state import ParallelState
 from megarlhf.trainers.checkpointing import (
-    CONFIG_FILE,
     ResumeError,
     _rank_file,
+    commit_checkpoint,
     layout_meta,
     write_engine_state,
+    write_loop_state,
     write_model_shard_files,
 )
 from megarlhf.trainers.engine import TrainEngine
@@ -71,26 +69,10 @@ def save_ppo_checkpoint(
             files += write_engine_state(tmp / CRITIC_SUBDIR, critic, critic_w, ps)
         for sub, weights in (extra_models or {}).items():
             files += write_model_shard_files(tmp / sub, weights, actor.module.cfg, ps)
-        files.append(save_rng_state(tmp, ps.rank, trackers))
-        path = _rank_file(tmp, ps.rank)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, path)
-        files.append(path)
-        if ps.rank == 0:
-            save_config(run_config, tmp / CONFIG_FILE)
-            files.append(tmp / CONFIG_FILE)
-        return files
+        return files + write_loop_state(tmp, ps, trackers, state, run_config)
 
-    return atomic.save_checkpoint(
-        root,
-        step,
-        write,
-        rank=ps.rank,
-        world_size=ps.world_size,
-        barrier=atomic.process_group_barrier() if ps.world_size > 1 else None,
-        keep_last=keep_last,
-        meta={**layout_meta(ps, actor.zero_stage), "step": step, "stage": "ppo"},
-    )
+    meta = {**layout_meta(ps, actor.zero_stage), "step": step, "stage": "ppo"}
+    return commit_checkpoint(root, step, write, ps, keep_last, meta)
 
 
 def load_ppo_checkpoint(
