@@ -9,6 +9,7 @@ from megarlhf.config import (
     GenerationConfig,
     ModelConfig,
     ModelFileConfig,
+    from_dict,
     load_config,
     parse_overrides,
 )
@@ -64,8 +65,8 @@ def test_bad_values_name_the_key(override, match):
 
 
 def test_generation_validation_and_derived_fields():
-    with pytest.raises(ConfigError, match="generation.top_p"):
-        GenerationConfig(top_p=0.0)
+    with pytest.raises(ConfigError, match="generation.top_p: must be in"):
+        from_dict(GenerationConfig, {"top_p": 0.0}, prefix="generation.")
     cfg = ModelConfig(family="llama", hidden_size=96, num_heads=4)
     assert cfg.num_kv_heads == 4 and cfg.ffn_hidden_size == 256  # 8/3 * 96 = 256
     assert ModelConfig(family="gpt2", hidden_size=96, num_heads=4).ffn_hidden_size == 384

@@ -109,7 +109,7 @@ def build_run_config(args: argparse.Namespace):
     import dataclasses
 
     from megarlhf.config import ModelFileConfig, from_dict, load_config, parse_overrides, to_dict
-    from megarlhf.trainers.ppo_config import PPORunConfig
+    from megarlhf.config.ppo import PPORunConfig
 
     preset = Path(args.model)
     if preset.suffix not in (".yaml", ".yml"):
@@ -210,8 +210,8 @@ def common_fields(args, cfg, ps, params: int, peak: tuple[float, str]) -> dict:
         "response_len": args.response_len,
         "ppo_epochs": args.ppo_epochs,
         "num_minibatches": args.num_minibatches,
-        "micro_batch_size": cfg.ppo.micro_batch_size,
-        "recompute_old_logprobs": cfg.ppo.recompute_old_logprobs,
+        "micro_batch_size": cfg.ppo.loop.micro_batch_size,
+        "recompute_old_logprobs": cfg.ppo.rollout.recompute_old_logprobs,
         "iters": args.iters,
         "warmup": args.warmup,
         "peak_tflops": peak[0],
@@ -243,8 +243,7 @@ def run_ppo(cfg, args, ps, peak) -> dict:
         trainer.setup()
 
         def one() -> dict:
-            rec = trainer.train_step()
-            trainer.step += 1
+            rec = trainer.run_step()
             if rec["response_length"] != args.response_len:
                 raise RuntimeError(f"responses of {rec['response_length']} tokens, not fixed")
             return rec
@@ -263,7 +262,7 @@ def run_ppo(cfg, args, ps, peak) -> dict:
                 ppo_epochs=args.ppo_epochs,
                 num_minibatches=args.num_minibatches,
                 lr=cfg.optim.lr,
-                kl_coef=cfg.ppo.kl_coef,
+                kl_coef=cfg.ppo.algo.kl_coef,
                 seed=args.seed,
                 output_dir=Path(out) / "trl",
             )
@@ -279,7 +278,7 @@ def run_ppo(cfg, args, ps, peak) -> dict:
     flops = ppo_iteration_flops(
         cfg.model, critic, critic, args.batch, args.prompt_len, args.response_len, args.ppo_epochs
     )
-    if not cfg.ppo.recompute_old_logprobs:  # generation's log-probs: no actor forward
+    if not cfg.ppo.rollout.recompute_old_logprobs:  # generation's log-probs: no actor forward
         flops["total"] -= flops["actor_forward"]
         flops["actor_forward"] = 0.0
     rep = common_fields(args, cfg, ps, params, peak)
@@ -309,28 +308,36 @@ def run_train_steps(cfg, args, ps, peak) -> dict:
     import torch
 
     from megarlhf.model.gpt import GPTModel
+    from megarlhf.optim.deepspeed_model import DeepSpeedModel
     from megarlhf.parallel.pipeline import get_forward_backward_func
     from megarlhf.perf.bench import mean, peak_memory_bytes, throughput_fields
     from megarlhf.perf.flops import train_flops
-    from megarlhf.trainers.engine import TrainEngine
-    from megarlhf.trainers.ppo_config import engine_config
     from megarlhf.trainers.rm import make_rm_loss_fn
     from megarlhf.trainers.sft import make_sft_loss_fn
 
-    which = "actor" if args.stage == "sft" else "critic"
-    ecfg = engine_config(cfg, which)
+    model_cfg = cfg.model if args.stage == "sft" else cfg.critic_model()
+    optim = cfg.optim if args.stage == "sft" else cfg.critic_optim
+    micro = cfg.ppo.loop.micro_batch_size
     if args.stage == "rm" and args.batch % 2:
         raise ValueError(f"--batch {args.batch}: RM steps take pairs, it must be even")
     steps = args.warmup + args.iters
-    engine = TrainEngine(GPTModel(ecfg.model, ps, seed=args.seed), ecfg, ps, steps)
+    engine = DeepSpeedModel(
+        GPTModel(model_cfg, ps, seed=args.seed),
+        ps,
+        optim=optim,
+        deepspeed=cfg.deepspeed,
+        micro_batch_size=micro,
+        grad_accum=1,
+        total_steps=steps,
+    )
     fwd_bwd = get_forward_backward_func(ps)
     s = args.prompt_len + args.response_len
     local = args.batch // ps.dp_size
     g = torch.Generator().manual_seed(args.seed + ps.dp_rank)
     ids = torch.randint(4, cfg.model.vocab_size, (local, s), generator=g)
     mbs = []
-    for i in range(0, local, cfg.ppo.micro_batch_size):
-        mb = {"input_ids": ids[i : i + cfg.ppo.micro_batch_size]}
+    for i in range(0, local, micro):
+        mb = {"input_ids": ids[i : i + micro]}
         n = mb["input_ids"].shape[0]
         if args.stage == "sft":
             labels = torch.roll(mb["input_ids"], -1, dims=1)
@@ -357,7 +364,7 @@ def run_train_steps(cfg, args, ps, peak) -> dict:
             times.append(time.perf_counter() - t0)
     mem, mem_source = peak_memory_bytes()
     rep = common_fields(args, cfg, ps, model_params(engine.module, ps), peak)
-    flops = train_flops(ecfg.model, args.batch, s)
+    flops = train_flops(model_cfg, args.batch, s)
     rep.update(
         throughput_fields(mean(times), args.batch, args.batch * s, flops, ps.world_size, peak[0])
     )

@@ -7,16 +7,175 @@ simulated labelers (VADER trains, TextBlob is held out), with a report.
 
 Running the same command again continues after the last finished stage. The report is
 <output-dir>/report.md (numbers also in report.json, figures in figures/). See docs/demo.md.
+
+Every training stage runs the tool a user would run (`tools/train_sft.py`, `train_rm.py`,
+`train_ppo.py`, `generate.py`, `train_tokenizer.py`) as a subprocess, with the YAML files in
+`configs/demo/` and dotted overrides for the run's paths and sizes; the data work
+(`megarlhf.demo.data`) and the evaluation (`megarlhf.demo.report`) run in this process. Each
+finished stage leaves `<output>/.done/<stage>`.
+
+Layout of `<output>`:
+    data/         corpus parts, SFT demonstrations, prompts, comparisons, tokenizer
+    pretrain/ sft/ rm/ ppo/ ppo_ptx/   the tools' run directories (metrics.jsonl, checkpoints/)
+    report.md report.json figures/*.png samples.jsonl   the evaluation
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from megarlhf.demo.pipeline import Demo, DemoConfig  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import yaml  # noqa: E402
+
+from megarlhf.checkpoint.model_shards import resolve_checkpoint_dir  # noqa: E402
+from megarlhf.demo import data as demo_data  # noqa: E402
+from megarlhf.demo.data import STAGES, DemoConfig, DemoError  # noqa: E402
+
+
+class StageFailed(RuntimeError):
+    """A tool run by the demo exited non-zero (the message has its command line)."""
+
+
+class Demo:
+    """One demo run in `output`; `run()` executes the stages not yet done."""
+
+    def __init__(self, cfg: DemoConfig, output: str | Path, quiet: bool = False):
+        self.cfg, self.out = cfg, Path(output).resolve()
+        self.data = self.out / "data"
+        self.tokenizer = self.data / "tokenizer"
+        self.quiet = quiet
+        self.timings: dict[str, float] = {}
+
+    def run(self) -> dict:
+        demo_data.claim_output(self.out, self.cfg)
+        done = self.out / ".done"
+        done.mkdir(exist_ok=True)
+        timing_file = self.out / "timings.json"
+        if timing_file.exists():
+            self.timings = json.loads(timing_file.read_text())
+        for stage in STAGES:
+            if (done / stage).exists():
+                self._say(f"== {stage}: done before, skipped")
+                continue
+            self._say(f"== {stage}")
+            t0 = time.perf_counter()
+            getattr(self, f"stage_{stage}")()
+            self.timings[stage] = round(time.perf_counter() - t0, 1)
+            timing_file.write_text(json.dumps(self.timings, indent=1) + "\n")
+            (done / stage).touch()
+            self._say(f"== {stage}: {self.timings[stage]:.0f} s")
+        return json.loads((self.out / "report.json").read_text())
+
+    def _say(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, flush=True)
+
+    def _tool(self, name: str, *args) -> None:
+        """Run tools/<name> with this interpreter; its output goes to ours."""
+        cmd = [sys.executable, str(ROOT / "tools" / name), *map(str, args)]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
+        kw = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE} if self.quiet else {}
+        res = subprocess.run(cmd, cwd=ROOT, env=env, text=True, **kw)
+        if res.returncode != 0:
+            tail = (res.stderr or "")[-4000:] if self.quiet else ""
+            raise StageFailed(f"demo stage failed (exit {res.returncode}): {' '.join(cmd)}\n{tail}")
+
+    def _train(self, tool: str, config: str, run: str, *overrides: str, init: str = "") -> None:
+        args = ["--config", ROOT / "configs" / "demo" / config, "--output-dir", self.out / run]
+        if init:
+            args += ["--init-from", self._checkpoint(init)]
+        self._tool(tool, *args, f"data.tokenizer={self.tokenizer}", *overrides)
+
+    def _checkpoint(self, run: str) -> Path:
+        """The latest complete checkpoint of a run folder (what --init-from wants)."""
+        return resolve_checkpoint_dir(self.out / run)
+
+    # ----------------------------------------------------------------------------- stages
+
+    def stage_data(self) -> None:
+        """Corpus parts, SFT demonstrations, prompt sets, then the tokenizer, which fills the demo
+        model's vocabulary exactly (configs/demo/model.yaml)."""
+        demo_data.build_data(self.cfg, self.data)
+        model_yaml = yaml.safe_load((ROOT / "configs" / "demo" / "model.yaml").read_text())
+        self._tool(
+            "train_tokenizer.py", "--input", self.data / "pretrain.txt", "--vocab-size",
+            model_yaml["model"]["vocab_size"], "--output", self.tokenizer,
+        )  # fmt: skip
+
+    def stage_pretrain(self) -> None:
+        c = self.cfg
+        self._train(
+            "train_sft.py", "pretrain.yaml", "pretrain",
+            f"data.train_files=[{self.data / 'pretrain.jsonl'}]", f"sft.epochs={c.pretrain_epochs}",
+        )  # fmt: skip
+
+    def stage_sft(self) -> None:
+        self._train(
+            "train_sft.py", "sft.yaml", "sft",
+            f"data.train_files=[{self.data / 'sft.jsonl'}]", f"sft.epochs={self.cfg.sft_epochs}",
+            init="pretrain",
+        )  # fmt: skip
+
+    def _sample_groups(self, prompts_file: str, out_name: str) -> list[dict]:
+        """K SFT samples per prompt through tools/generate.py, grouped per prompt."""
+        c = self.cfg
+        prompts = [r["prompt"] for r in demo_data.read_jsonl(self.data / prompts_file)]
+        rep = self.data / f"{out_name}_repeated.jsonl"
+        demo_data.write_jsonl(rep, [{"prompt": p} for p in prompts for _ in range(c.k)])
+        raw = self.data / f"{out_name}_samples.jsonl"
+        self._tool(
+            "generate.py", "--checkpoint", self.out / "sft", "--tokenizer", self.tokenizer,
+            "--prompts-file", rep, "--template", "raw", "--batch-size", 128, "--output", raw,
+            "generation.temperature=1.0", f"generation.max_new_tokens={c.max_new_tokens}",
+            f"generation.seed={c.seed + len(out_name)}",
+        )  # fmt: skip
+        return demo_data.response_groups(prompts, demo_data.read_jsonl(raw), c.k)
+
+    def stage_comparisons(self) -> None:
+        """K SFT samples per prompt, ranked by the noisy training labeler (calibrated sigma)."""
+        train = self._sample_groups("rm_prompts.jsonl", "rm_train")
+        evals = self._sample_groups("rm_eval_prompts.jsonl", "rm_eval")
+        info = demo_data.rank_comparisons(self.cfg, train, evals, self.data)
+        sigma, agree = info["sigma"], info["agreement"]
+        self._say(f"training labeler: VADER + N(0, {sigma:.3f}^2), agreement {agree:.3f}")
+
+    def stage_rm(self) -> None:
+        d = self.data
+        self._train(
+            "train_rm.py", "rm.yaml", "rm",
+            f"data.train_files=[{d / 'rm_train.jsonl'}]", f"rm.eval_files=[{d / 'rm_eval.jsonl'}]",
+            f"rm.normalize_files=[{d / 'sft.jsonl'}]", f"rm.epochs={self.cfg.rm_epochs}",
+            init="sft",
+        )  # fmt: skip
+
+    def _ppo(self, run: str, ptx_coef: float) -> None:
+        d, c = self.data, self.cfg
+        self._train(
+            "train_ppo.py", "ppo.yaml", run,
+            f"data.prompt_files=[{d / 'ppo_prompts.jsonl'}]", f"data.ptx_files=[{d / 'ptx.txt'}]",
+            f"ppo.reward_model={self._checkpoint('rm')}", f"ppo.max_steps={c.ppo_steps}",
+            f"ppo.ptx_coef={ptx_coef}", f"generation.max_new_tokens={c.max_new_tokens}",
+            init="sft",
+        )  # fmt: skip
+
+    def stage_ppo(self) -> None:
+        self._ppo("ppo", 0.0)
+
+    def stage_ppo_ptx(self) -> None:
+        self._ppo("ppo_ptx", self.cfg.ptx_coef)
+
+    def stage_evaluate(self) -> None:
+        from megarlhf.demo.report import evaluate
+
+        evaluate(self.out, self.cfg, self.timings)
 
 
 def main(argv=None) -> int:
@@ -27,7 +186,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cfg = DemoConfig.quick() if args.quick else DemoConfig.full()
     out = args.output_dir or ("runs/demo_quick" if args.quick else "runs/demo")
-    report = Demo(cfg, out, quiet=args.quiet).run()
+    try:
+        report = Demo(cfg, out, quiet=args.quiet).run()
+    except (DemoError, StageFailed) as e:
+        print(f"demo.py: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, DemoError) else 1
     print(Path(out) / "report.md")
     keys = ("winrate_ppo_vs_sft_heldout", "winrate_ppo_ptx_vs_sft_heldout",
             "rm_accuracy_heldout_train_labeler", "ppl_sft", "ppl_ppo", "ppl_ppo_ptx")  # fmt: skip

@@ -72,7 +72,7 @@ def fault_hooks():
     where, _, n = spec.partition(":")
     at = int(n)
 
-    def die(step: int) -> None:
+    def die(step: int, record: dict | None = None) -> None:
         if step == at:
             sys.stderr.flush()
             os.kill(os.getpid(), signal.SIGKILL)
@@ -96,7 +96,7 @@ def main(
     Args:
         args: from `parse_args`.
         prog: the tool's name (error messages, logger).
-        config_cls: the run config dataclass (SFTRunConfig, RMRunConfig).
+        config_cls: the run config dataclass (SFTRunConfig, RMRunConfig, PPORunConfig).
         make_trainer: make_trainer(cfg, ps, output_dir, hooks) -> an object with .train().
     Returns:
         0, or 2 after a bad config, data or checkpoint (one line naming it, no traceback).
@@ -109,12 +109,11 @@ def main(
     import torch.distributed as dist
 
     from megarlhf.checkpoint.atomic import CheckpointDirError
+    from megarlhf.checkpoint.training import ResumeError
     from megarlhf.config import ConfigError, load_config
     from megarlhf.data.sft import DataError
     from megarlhf.data.tokenizer import TokenizerError
     from megarlhf.parallel.state import build_parallel_state, init_distributed, shutdown_distributed
-    from megarlhf.trainers.checkpointing import ResumeError
-    from megarlhf.trainers.engine import check_engine_supported
     from megarlhf.utils.logsetup import setup_logging
 
     user_errors = (ConfigError, DataError, TokenizerError, ResumeError, CheckpointDirError)
@@ -127,8 +126,8 @@ def main(
     if args.init_from is not None:
         overrides.append(f"checkpoint.init_from={args.init_from}")
     try:
+        # Refused here, before any process starts waiting on another.
         cfg = load_config(config_cls, args.config, overrides)
-        check_engine_supported(cfg)  # refuse before any process starts waiting on another
     except ValueError as e:  # ConfigError: the message names the key
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

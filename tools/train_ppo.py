@@ -35,8 +35,8 @@ from tools.train_common import parse_args  # noqa: E402
 
 def main(argv=None) -> int:
     args = parse_args("train_ppo.py", __doc__, "configs/ppo_tiny.yaml", argv)
+    from megarlhf.config.ppo import PPORunConfig
     from megarlhf.trainers.ppo import PPOTrainer
-    from megarlhf.trainers.ppo_config import PPORunConfig
 
     return train_main(args, prog="train_ppo.py", config_cls=PPORunConfig, make_trainer=PPOTrainer)
 

@@ -32,8 +32,8 @@ from tools.train_common import parse_args  # noqa: E402
 
 def main(argv=None) -> int:
     args = parse_args("train_rm.py", __doc__, "configs/rm_tiny.yaml", argv)
+    from megarlhf.config.rm import RMRunConfig
     from megarlhf.trainers.rm import RMTrainer
-    from megarlhf.trainers.rm_config import RMRunConfig
 
     return train_main(args, prog="train_rm.py", config_cls=RMRunConfig, make_trainer=RMTrainer)
 

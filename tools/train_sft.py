@@ -28,7 +28,7 @@ from tools.train_common import parse_args  # noqa: E402
 
 def main(argv=None) -> int:
     args = parse_args("train_sft.py", __doc__, "configs/sft_tiny.yaml", argv)
-    from megarlhf.trainers.config import SFTRunConfig
+    from megarlhf.config.sft import SFTRunConfig
     from megarlhf.trainers.sft import SFTTrainer
 
     return train_main(args, prog="train_sft.py", config_cls=SFTRunConfig, make_trainer=SFTTrainer)

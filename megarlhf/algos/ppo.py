@@ -1,15 +1,24 @@
-"""PPO math for RLHF: per-token rewards, clipped policy and value losses, entropy bonus.
+"""PPO math for RLHF: per-token rewards, policy losses by name, the value loss, loss aggregation.
 
 Shapes: every per-token tensor is `[batch, T]` over response positions, with `mask` 1 for response
 tokens (0 after EOS and for padding). Functions are pure: inputs are never mutated.
+
+Losses come per token and are reduced by `aggregate(per_token, mask, mode, normalizer)`, with the
+normalizer computed once for the whole optimizer step (over every micro-batch and every
+data-parallel rank) by `loss_normalizer`. So a micro-batch's loss is already its share of the
+step's loss, gradients summed over micro-batches and ranks are the gradients of that loss at any
+layout, and no caller rescales a mean.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from megarlhf.algos.stats import masked_mean
 from megarlhf.kernels import kl_penalty
+
+# ----------------------------------------------------------------------------- rewards
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -54,57 +63,114 @@ def token_rewards(
     return non_score + bonus, kl, non_score
 
 
-def policy_loss(
+# ----------------------------------------------------------------------------- aggregation
+
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                     "seq-mean-token-sum-norm")  # fmt: skip
+
+
+def loss_normalizer(masks: list[torch.Tensor], mode: str, sum_over_dp: Callable) -> float:
+    """The denominator of one optimizer step's loss, over all its micro-batches and DP ranks.
+
+    Args:
+        masks: [rows, T] response masks of this rank's micro-batches of the step.
+        mode: a `LOSS_AGGREGATIONS` name.
+        sum_over_dp: sums a list of floats over the data-parallel group.
+    Returns:
+        token-mean: response tokens; the seq-mean modes: sequences; seq-mean-token-sum-norm:
+        sequences * T (Dr. GRPO's constant horizon). At least 1.
+    """
+    if mode == "token-mean":
+        local = sum(float(m.sum()) for m in masks)
+    elif mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
+        local = float(sum(m.shape[0] for m in masks))
+    elif mode == "seq-mean-token-sum-norm":
+        local = float(sum(m.shape[0] * m.shape[1] for m in masks))
+    else:
+        raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {LOSS_AGGREGATIONS}")
+    (total,) = sum_over_dp([local])
+    return max(total, 1.0)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: float):
+    """This micro-batch's share of the step's loss: a scalar from per-token losses [b, T].
+
+    token-mean, seq-mean-token-sum, seq-mean-token-sum-norm: sum(per_token * mask) / normalizer
+    (tokens, sequences, or sequences * T); seq-mean-token-mean: the sum over rows of each row's
+    token mean, / normalizer (sequences).
+    """
+    masked = per_token * mask
+    if mode == "seq-mean-token-mean":
+        rows = masked.sum(-1) / mask.sum(-1).clamp_min(1)
+        return rows.sum() / normalizer
+    if mode not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {LOSS_AGGREGATIONS}")
+    return masked.sum() / normalizer
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def clipped_surrogate(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
-    mask: torch.Tensor,
     clip_eps: float = 0.2,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1-eps, 1+eps)).
+    """PPO's clipped surrogate per token: max(-A r, -A clip(r, 1-eps, 1+eps)), r = exp(logp -
+    old_logp).
 
     Returns:
-        (loss, {"clipfrac": fraction of tokens where the clipped term was taken,
-                "approx_kl": mean of (old_logp - logp)^2 / 2 (k2 between old and new policy),
-                "ratio": mean ratio}).
+        (loss [b, T], per-token stats {"clipped": 1 where the clipped term was taken,
+        "approx_kl": (old_logp - logp)^2 / 2 (k2 between old and new policy), "ratio": r}),
+        the stats detached.
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = torch.maximum(unclipped, clipped)
     with torch.no_grad():
         stats = {
-            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
-            "ratio": masked_mean(ratio, mask),
+            "clipped": (clipped > unclipped).float(),
+            "approx_kl": 0.5 * log_ratio**2,
+            "ratio": ratio,
         }
     return loss, stats
 
 
-def value_loss(
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    mask: torch.Tensor,
-    clip_range: float = 0.2,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped value loss: 0.5 * mean max((V - R)^2, (clip(V, V_old +- c) - R)^2).
+# name -> fn(logprobs, old_logprobs, advantages, clip_eps) -> (loss [b, T], per-token stats)
+POLICY_LOSSES: dict[str, Callable] = {"ppo": clipped_surrogate}
 
-    `clip_range <= 0` disables clipping.
+
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_range: float = 0.2
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss per token: 0.5 * max((V - R)^2, (clip(V, V_old +- c) - R)^2) [b, T].
+
+    `clip_range <= 0` disables clipping. Stats (per token, detached): "clipped" where the clipped
+    error was the larger.
     """
     err = (values - returns) ** 2
-    if clip_range > 0:
-        clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
-        err_clipped = (clipped - returns) ** 2
-        loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
-        frac = masked_mean((err_clipped > err).float(), mask)
-    else:
-        loss = 0.5 * masked_mean(err, mask)
-        frac = torch.zeros(())
-    return loss, {"value_clipfrac": frac.detach()}
+    if clip_range <= 0:
+        return 0.5 * err, {"clipped": torch.zeros_like(err).detach()}
+    clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    err_clipped = (clipped - returns) ** 2
+    return 0.5 * torch.maximum(err, err_clipped), {"clipped": (err_clipped > err).float().detach()}
 
 
-def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, coef: float) -> torch.Tensor:
-    """-coef * mean entropy (added to the policy loss to encourage exploration)."""
-    return -coef * masked_mean(entropy, mask)
+def entropy_bonus(entropy: torch.Tensor, coef: float) -> torch.Tensor:
+    """-coef * entropy per token [b, T] (added to the policy loss to encourage exploration)."""
+    return -coef * entropy
+
+
+def ptx_loss(logprobs: torch.Tensor, coef: float, normalizer: float) -> torch.Tensor:
+    """PPO-ptx's pretraining term: coef * (-sum of next-token log-probs) / normalizer.
+
+    Args:
+        logprobs: [rows, L - 1] log-probs of each PTX row's next tokens.
+        coef: InstructGPT's gamma.
+        normalizer: next-token predictions in the step's whole PTX batch (all DP ranks).
+    """
+    nll = -logprobs.sum()
+    return coef * nll / normalizer

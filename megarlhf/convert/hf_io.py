@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from megarlhf.checkpoint.model_shards import SafetensorsFile, SafetensorsStreamWriter
+from megarlhf.checkpoint.safetensors_io import SafetensorsFile, SafetensorsStreamWriter
 from megarlhf.convert.hf_config import ConversionError
 
 SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 import torch
 
 from megarlhf.data.rankings import RankingSample, collate_rankings
-from megarlhf.data.sampler import ResumableSampler, StepLoader
+from megarlhf.data.sampler import ResumableSampler, StepLoader, even_split
+from megarlhf.model.generation import right_pad
 
 
 class RankingLoader(StepLoader):
@@ -39,3 +40,28 @@ class RankingLoader(StepLoader):
     def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """The micro-batch dict (as in the module docstring) of the given prompts."""
         return collate_rankings([self.samples[i] for i in indices], self.pad_id)
+
+
+def ranking_eval_batches(
+    samples: Sequence[RankingSample], pad_id: int, micro_batch_size: int, dp_rank: int, dp_size: int
+) -> list[dict]:
+    """This DP rank's micro-batches of held-out prompts (as many on every DP rank; a filler
+    micro-batch is flagged `filler`)."""
+    out = []
+    for idx, filler in even_split(len(samples), micro_batch_size, dp_rank, dp_size):
+        mb = collate_rankings([samples[i] for i in idx], pad_id)
+        mb["filler"] = filler
+        out.append(mb)
+    return out
+
+
+def sequence_batches(
+    seqs: Sequence[Sequence[int]], pad_id: int, micro_batch_size: int, dp_rank: int, dp_size: int
+) -> list[dict]:
+    """This DP rank's micro-batches of token sequences to score: input_ids / attention_mask
+    [n, longest] right-padded, `filler` as above."""
+    out = []
+    for idx, filler in even_split(len(seqs), micro_batch_size, dp_rank, dp_size):
+        ids, mask = right_pad([seqs[i] for i in idx], pad_id)
+        out.append({"input_ids": ids, "attention_mask": mask, "filler": filler})
+    return out

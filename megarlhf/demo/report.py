@@ -199,7 +199,17 @@ def _figures(folder: Path, rep: dict) -> None:
 
 def render_markdown(rep: dict, samples: list[dict], cfg) -> str:
     """report.md: the tables, the targets (met or not, said plainly), figures, samples."""
-    f3 = "{:.3f}".format
+    lines = _md_winrates(rep) + _md_reward_model(rep) + _md_perplexity_targets(rep)
+    lines += _md_figures_samples(rep, samples)
+    lines += ["", f"Demo config: `{json.dumps(dataclasses.asdict(cfg))}`", ""]
+    return "\n".join(lines)
+
+
+def _f3(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def _md_winrates(rep: dict) -> list[str]:
     lab = rep["labeler"]
     lines = [
         "# InstructGPT in miniature: report",
@@ -217,65 +227,62 @@ def render_markdown(rep: dict, samples: list[dict], cfg) -> str:
     ]
     for k in ("ppo", "ppo_ptx"):
         lines.append(
-            f"| {POLICIES[k]} | {f3(rep[f'winrate_{k}_vs_sft_heldout'])} | "
-            f"{f3(rep[f'winrate_{k}_vs_sft_train'])} | {f3(rep[f'kl_{k}_from_sft'])} |"
+            f"| {POLICIES[k]} | {_f3(rep[f'winrate_{k}_vs_sft_heldout'])} | "
+            f"{_f3(rep[f'winrate_{k}_vs_sft_train'])} | {_f3(rep[f'kl_{k}_from_sft'])} |"
         )
-    lines += [
-        "",
-        "Mean labeler scores of the samples:",
-        "",
-        "| policy | VADER | TextBlob |",
-        "|---|---|---|",
-    ]
+    lines += ["", "Mean labeler scores of the samples:", "", "| policy | VADER | TextBlob |"]
+    lines.append("|---|---|---|")
     for k, name in POLICIES.items():
-        lines.append(f"| {name} | {f3(rep[f'mean_vader_{k}'])} | {f3(rep[f'mean_textblob_{k}'])} |")
-    lines += [
+        v, t = rep[f"mean_vader_{k}"], rep[f"mean_textblob_{k}"]
+        lines.append(f"| {name} | {_f3(v)} | {_f3(t)} |")
+    return lines
+
+
+def _md_reward_model(rep: dict) -> list[str]:
+    return [
         "",
         "## Reward model: pair accuracy on held-out comparisons",
         "",
         "| labels | accuracy | pairs |",
         "|---|---|---|",
         f"| VADER (training labeler's own preference) | "
-        f"{f3(rep['rm_accuracy_heldout_train_labeler'])} | "
+        f"{_f3(rep['rm_accuracy_heldout_train_labeler'])} | "
         f"{rep['rm_accuracy_heldout_train_labeler_pairs']} |",
         f"| noisy VADER (labels as a training labeler gives them) | "
-        f"{f3(rep['rm_accuracy_heldout_train_labeler_noisy'])} | "
+        f"{_f3(rep['rm_accuracy_heldout_train_labeler_noisy'])} | "
         f"{rep['rm_accuracy_heldout_train_labeler_noisy_pairs']} |",
-        f"| TextBlob (held-out labeler) | {f3(rep['rm_accuracy_heldout_heldout_labeler'])} | "
+        f"| TextBlob (held-out labeler) | {_f3(rep['rm_accuracy_heldout_heldout_labeler'])} | "
         f"{rep['rm_accuracy_heldout_heldout_labeler_pairs']} |",
         "",
         f"The paper: 72.4% on training labelers, 69.6% on held-out labelers. Here the noisy labels "
         f"agree with VADER itself on {rep['noisy_label_agreement_with_vader']:.1%} of the pairs, "
         "the ceiling for accuracy against noisy labels. Pairs a labeler ties are not counted.",
-        "",
-        "## Alignment tax: perplexity on held-out corpus text",
-        "",
-        "| policy | perplexity |",
-        "|---|---|",
     ]
+
+
+def _md_perplexity_targets(rep: dict) -> list[str]:
+    lines = ["", "## Alignment tax: perplexity on held-out corpus text", ""]
+    lines += ["| policy | perplexity |", "|---|---|"]
     for k, name in POLICIES.items():
         lines.append(f"| {name} | {rep[f'ppl_{k}']:.2f} |")
     lines += ["", "## Targets", "", "| target | value | met |", "|---|---|---|"]
     for k, t in rep["targets"].items():
-        v = t["value"] if isinstance(t["value"], str) else f3(t["value"])
+        v = t["value"] if isinstance(t["value"], str) else _f3(t["value"])
         lines.append(f"| {k} {t['target']} | {v} | {'yes' if t['met'] else '**NO**'} |")
     missed = [k for k, t in rep["targets"].items() if not t["met"]]
     lines += ["", f"Missed: {', '.join(missed)}." if missed else "All targets met."]
+    return lines
+
+
+def _md_figures_samples(rep: dict, samples: list[dict]) -> list[str]:
+    lines = ["", "## Figures", "", "![win rates](figures/winrates.png)", ""]
     lines += [
-        "",
-        "## Figures",
-        "",
-        "![win rates](figures/winrates.png)",
-        "",
         "![PPO curves](figures/ppo_curves.png)",
         "",
         "![RM accuracy](figures/rm_accuracy.png)",
-        "",
-        "## Samples (held-out prompts)",
-        "",
-        "| prompt | SFT | PPO | PPO-ptx |",
-        "|---|---|---|---|",
     ]
+    lines += ["", "## Samples (held-out prompts)", "", "| prompt | SFT | PPO | PPO-ptx |"]
+    lines.append("|---|---|---|---|")
     for s in samples:
         cells = [s["prompt"]] + [
             f"{s[k]} ({s[f'vader_{k}']:+.2f} / {s[f'textblob_{k}']:+.2f})" for k in POLICIES
@@ -286,5 +293,4 @@ def render_markdown(rep: dict, samples: list[dict], cfg) -> str:
         ", ".join(f"{k} {v:.0f}" for k, v in rep["timings_s"].items())
         + " (the evaluation itself is not included)."
     )
-    lines += ["", f"Demo config: `{json.dumps(dataclasses.asdict(cfg))}`", ""]
-    return "\n".join(lines)
+    return lines

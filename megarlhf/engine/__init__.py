@@ -1,1 +1,2 @@
-"""Hybrid engine: re-sharding between the training and generation layouts, rollouts."""
+"""The rollout side of PPO: the hybrid engine (re-sharding between the training and generation
+layouts, rollouts), frozen-model placement, and the experience maker."""

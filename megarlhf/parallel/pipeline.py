@@ -143,80 +143,102 @@ def forward_backward_pipelining_1f1b(
         Tied embedding gradients are NOT synced here: call `model.sync_tied_embedding_grads()`.
     """
     _check_micro_batches(micro_batches)
-    n = len(micro_batches)
-    metas = [_activation_meta(model, mb) for mb in micro_batches]  # same on every stage
-    free_outputs = backward_fn is None
-    backward = backward_fn or _default_backward
-    stats: list[dict] = []
-    in_flight: deque[tuple[torch.Tensor | None, torch.Tensor]] = deque()
+    run = _OneFOneB(model, micro_batches, loss_fn, ps, forward_only, backward_fn)
+    steady = run.warmup()
+    run.steady(steady)
+    if not forward_only:
+        run.cooldown(steady)
+    assert not run.in_flight, "1F1B schedule left micro-batches without backward"
+    return run.stats if ps.is_last_stage else []
 
-    def forward(i: int, x: torch.Tensor | None) -> torch.Tensor | None:
-        with torch.no_grad() if forward_only else contextlib.nullcontext():
-            if x is not None and not forward_only:
+
+class _OneFOneB:
+    """The state of one 1F1B pass over this stage: the micro-batches in flight (forward done,
+    backward not yet) and the last stage's stats; the three phases as methods."""
+
+    def __init__(self, model, micro_batches, loss_fn, ps, forward_only, backward_fn):
+        self.model, self.mbs, self.loss_fn, self.ps = model, micro_batches, loss_fn, ps
+        self.forward_only = forward_only
+        self.metas = [_activation_meta(model, mb) for mb in micro_batches]  # same on every stage
+        self.free_outputs = backward_fn is None
+        self.backward_fn = backward_fn or _default_backward
+        self.stats: list[dict] = []
+        self.in_flight: deque[tuple[torch.Tensor | None, torch.Tensor]] = deque()
+
+    def forward(self, i: int, x: torch.Tensor | None) -> torch.Tensor | None:
+        ps = self.ps
+        with torch.no_grad() if self.forward_only else contextlib.nullcontext():
+            if x is not None and not self.forward_only:
                 x.requires_grad_(True)
-            out, st = _forward_step(model, micro_batches[i], x, loss_fn, ps)
+            out, st = _forward_step(self.model, self.mbs[i], x, self.loss_fn, ps)
         if ps.is_last_stage:
-            stats.append(st)
-            if not forward_only:
+            self.stats.append(st)
+            if not self.forward_only:
                 _check_loss(out)
         else:
-            _check_activation(out, metas[i], ps)
+            _check_activation(out, self.metas[i], ps)
         return out
 
-    def keep(x: torch.Tensor | None, out: torch.Tensor) -> None:
+    def keep(self, x: torch.Tensor | None, out: torch.Tensor) -> None:
         # Called after `out` was sent on: its data is no longer needed, only its graph.
-        if free_outputs and not ps.is_last_stage:
+        if self.free_outputs and not self.ps.is_last_stage:
             _release_storage(out)
-        in_flight.append((x, out))
+        self.in_flight.append((x, out))
 
-    def backward_oldest(grad: torch.Tensor | None) -> torch.Tensor | None:
-        x, out = in_flight.popleft()
-        if free_outputs and not ps.is_last_stage:
+    def backward_oldest(self, grad: torch.Tensor | None) -> torch.Tensor | None:
+        x, out = self.in_flight.popleft()
+        if self.free_outputs and not self.ps.is_last_stage:
             _backward_released(out, grad)
         else:
-            backward(out, grad)
+            self.backward_fn(out, grad)
         if x is None:  # first stage: nothing to send back
             return None
         if x.grad is None:
             raise RuntimeError(
-                f"pipeline stage {ps.pp_rank}: the input activation got no gradient; the stage's "
-                "output does not depend on its input"
+                f"pipeline stage {self.ps.pp_rank}: the input activation got no gradient; the "
+                "stage's output does not depend on its input"
             )
         return x.grad
 
-    warmup = min(ps.pp_size - ps.pp_rank - 1, n)
-    steady = n - warmup
-    for i in range(warmup):
-        x = p2p.recv_forward(metas[i], ps)
-        out = forward(i, x)
-        p2p.send_forward(out, ps)
-        if not forward_only:
-            keep(x, out)
-
-    x = p2p.recv_forward(metas[warmup], ps) if steady > 0 else None
-    for k in range(steady):
-        i = warmup + k  # micro-batch of this forward; the backward is micro-batch k
-        last = k == steady - 1
-        out = forward(i, x)
-        if forward_only:
+    def warmup(self) -> int:
+        """The warm-up forwards; returns the number of steady-state micro-batches."""
+        ps, n = self.ps, len(self.mbs)
+        warmup = min(ps.pp_size - ps.pp_rank - 1, n)
+        for i in range(warmup):
+            x = p2p.recv_forward(self.metas[i], ps)
+            out = self.forward(i, x)
             p2p.send_forward(out, ps)
-            x = None if last else p2p.recv_forward(metas[i + 1], ps)
-            continue
-        grad = p2p.send_forward_recv_backward(out, metas[k], ps)
-        keep(x, out)
-        x_grad = backward_oldest(grad)
-        if last:
-            x = None
-            p2p.send_backward(x_grad, ps)
-        else:
-            x = p2p.send_backward_recv_forward(x_grad, metas[i + 1], ps)
+            if not self.forward_only:
+                self.keep(x, out)
+        return n - warmup
 
-    if not forward_only:
-        for k in range(steady, n):  # cool-down: the warm-up micro-batches' backwards
-            grad = p2p.recv_backward(metas[k], ps)
-            p2p.send_backward(backward_oldest(grad), ps)
-    assert not in_flight, "1F1B schedule left micro-batches without backward"
-    return stats if ps.is_last_stage else []
+    def steady(self, steady: int) -> None:
+        """One forward, one backward per micro-batch after the warm-up."""
+        ps, metas = self.ps, self.metas
+        warmup = len(self.mbs) - steady
+        x = p2p.recv_forward(metas[warmup], ps) if steady > 0 else None
+        for k in range(steady):
+            i = warmup + k  # micro-batch of this forward; the backward is micro-batch k
+            last = k == steady - 1
+            out = self.forward(i, x)
+            if self.forward_only:
+                p2p.send_forward(out, ps)
+                x = None if last else p2p.recv_forward(metas[i + 1], ps)
+                continue
+            grad = p2p.send_forward_recv_backward(out, metas[k], ps)
+            self.keep(x, out)
+            x_grad = self.backward_oldest(grad)
+            if last:
+                x = None
+                p2p.send_backward(x_grad, ps)
+            else:
+                x = p2p.send_backward_recv_forward(x_grad, metas[i + 1], ps)
+
+    def cooldown(self, steady: int) -> None:
+        """The warm-up micro-batches' backwards."""
+        for k in range(steady, len(self.mbs)):
+            grad = p2p.recv_backward(self.metas[k], self.ps)
+            p2p.send_backward(self.backward_oldest(grad), self.ps)
 
 
 # --------------------------------------------------------------------------- steps and checks

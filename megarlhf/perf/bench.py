@@ -228,6 +228,21 @@ class IterationTimer:
         self._t = now
 
 
+def _trl_models(cfg, pad_id: int, eos_id: int, seed: int):
+    """Random-init policy, reference (the policy's weights), value and reward models of `cfg`."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    hf_cfg = hf_config_of(cfg, pad_id, eos_id)
+    policy = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+    ref.load_state_dict(policy.state_dict())
+    value = AutoModelForSequenceClassification.from_config(hf_cfg, dtype=torch.float32)
+    reward = AutoModelForSequenceClassification.from_config(hf_cfg, dtype=torch.float32)
+    policy.generation_config.pad_token_id = pad_id
+    return policy, ref, value, reward
+
+
 def build_trl_ppo(
     cfg,
     prompts: list[list[int]],
@@ -254,22 +269,11 @@ def build_trl_ppo(
         (trainer, IterationTimer registered on it).
     """
     import datasets
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        TrainerCallback,
-    )
+    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    torch.manual_seed(seed)
-    hf_cfg = hf_config_of(cfg, pad_id, eos_id)
-    policy = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
-    ref.load_state_dict(policy.state_dict())
-    value = AutoModelForSequenceClassification.from_config(hf_cfg, dtype=torch.float32)
-    reward = AutoModelForSequenceClassification.from_config(hf_cfg, dtype=torch.float32)
-    policy.generation_config.pad_token_id = pad_id
+    policy, ref, value, reward = _trl_models(cfg, pad_id, eos_id, seed)
     batch = len(prompts)
     args = PPOConfig(
         output_dir=str(output_dir),

@@ -81,7 +81,7 @@ from megarlhf.perf.flops import ppo_iteration_flops
 
 ROLES = ("actor", "critic", "reference", "reward")
 GIB = 1024**3
-# DeepSpeed's defaults as TrainEngine configures them (elements).
+# DeepSpeed's defaults as DeepSpeedModel configures them (elements).
 ZERO0_ALLREDUCE_BUCKET = 500_000_000
 REDUCE_BUCKET = 50_000_000
 
@@ -166,11 +166,13 @@ class PlanSpec:
         if self.zero not in (0, 1, 2, 3):
             raise PlanError("zero", f"{self.zero} is not one of 0, 1, 2, 3")
         if self.zero == 3 and self.pp > 1:
-            raise PlanError("zero", "ZeRO 3 runs with pp = 1 only (TrainEngine)")
+            raise PlanError("zero", "ZeRO 3 runs with pp = 1 only (DeepSpeedModel)")
         if self.dtype not in ("bf16", "fp32"):
             raise PlanError("dtype", f"{self.dtype!r} not bf16|fp32")
         if self.zero == 0 and self.dtype == "bf16":
-            raise PlanError("zero", "ZeRO 0 runs fp32 only (TrainEngine); use zero >= 1 for bf16")
+            raise PlanError(
+                "zero", "ZeRO 0 runs fp32 only (DeepSpeedModel); use zero >= 1 for bf16"
+            )
         if self.optimizer not in ("fused", "torch"):
             raise PlanError("optimizer", f"{self.optimizer!r} not fused|torch")
         gen_tp = self.gen_tp or self.tp * self.pp

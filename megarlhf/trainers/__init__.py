@@ -1,1 +1,2 @@
-"""Training stages (SFT now; reward model and PPO later) and the DeepSpeed engine they share."""
+"""Trainers: the one training loop (`loop.py`) and the three InstructGPT stages on it (`sft.py`,
+`rm.py`, `ppo.py`)."""

@@ -11,32 +11,27 @@ response token weighs the same whatever the micro-batch size, accumulation steps
 packing. The reported loss is that same global mean.
 
 Everything the step needs to be resumed bitwise (weights, optimizer, scheduler, data position,
-counters, every RNG of every rank) is in the checkpoint (`checkpointing.py`). The step loop,
+counters, every RNG of every rank) is in the checkpoint (`checkpoint/training.py`). The step loop,
 metrics, evaluation and checkpoint cadence, resume and `checkpoint.init_from` are the shared
-`TrainLoop` (`loop.py`); this file holds what is SFT-specific: the data and the loss.
+loop (`loop.py`); this file holds what is SFT-specific: the data and the loss.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
+from megarlhf.config.sft import SFTRunConfig
 from megarlhf.data.loader import build_rows, build_sft_loader
 from megarlhf.data.packing import IGNORE_INDEX, collate_rows
 from megarlhf.data.sampler import even_split
 from megarlhf.data.sft import load_sft_dataset
-from megarlhf.parallel.state import ParallelState
-from megarlhf.trainers.config import SFTConfig, SFTRunConfig, resolve_batch
-from megarlhf.trainers.loop import TrainerHooks, TrainLoop, seed_everything
-
-__all__ = ["SFTTrainer", "TrainerHooks", "make_sft_loss_fn", "seed_everything", "token_losses"]
+from megarlhf.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megarlhf.parallel.scalars import sum_over_dp, sum_over_replicas
+from megarlhf.trainers.loop import SingleModelTrainer
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, tp_group) -> torch.Tensor:
     """Per-token cross-entropy [b, s] (fp32, 0 where labels == -100) from a logits shard."""
-    from megarlhf.parallel.cross_entropy import vocab_parallel_cross_entropy
-
     return vocab_parallel_cross_entropy(logits, labels, tp_group=tp_group).float()
 
 
@@ -60,27 +55,21 @@ def make_sft_loss_fn(num_loss_tokens: float, tp_group):
     return loss_fn
 
 
-class SFTTrainer(TrainLoop):
+class SFTTrainer(SingleModelTrainer):
     """Supervised fine-tuning of one run (one output directory).
 
     Args:
-        cfg: the run config (sft.global_batch_size is resolved here for this DP size).
+        cfg: the run config (sft.grad_accum is derived per DP size from sft.global_batch_size).
         ps: this rank's layout (process groups already built).
         output_dir: where metrics, TensorBoard files, config and checkpoints go.
         hooks: optional callbacks.
     """
 
-    def __init__(
-        self,
-        cfg: SFTRunConfig,
-        ps: ParallelState,
-        output_dir: str | Path,
-        hooks: TrainerHooks | None = None,
-    ):
-        super().__init__(resolve_batch(cfg, ps.dp_size), ps, output_dir, hooks)
+    cfg: SFTRunConfig
+    stage = "sft"
 
     @property
-    def loop_cfg(self) -> SFTConfig:
+    def section(self):
         return self.cfg.sft
 
     # ----------------------------------------------------------------------------- data
@@ -90,12 +79,12 @@ class SFTTrainer(TrainLoop):
         self.loader = build_sft_loader(
             cfg.data,
             self.tokenizer,
-            micro_batch_size=cfg.sft.micro_batch_size,
-            grad_accum=cfg.sft.grad_accum,
+            micro_batch_size=cfg.sft.loop.micro_batch_size,
+            grad_accum=self.passes.grad_accum,
             dp_rank=ps.dp_rank,
             dp_size=ps.dp_size,
         )
-        self.eval_batches = self._eval_batches() if cfg.sft.eval_files else None
+        self.eval_batches = self._eval_batches() if self.passes.eval_files else None
 
     def _eval_batches(self) -> list[dict]:
         """This DP rank's micro-batches of the held-out files.
@@ -104,22 +93,15 @@ class SFTTrainer(TrainLoop):
         forward (ZeRO-3 parameter gathers, TP/PP communication) match across DP ranks; a filler
         micro-batch repeats row 0 with every label ignored, so it counts nothing.
         """
-        cfg = self.cfg
+        d, mbs = self.cfg.data, self.cfg.sft.loop.micro_batch_size
         data = load_sft_dataset(
-            cfg.sft.eval_files,
-            self.tokenizer,
-            cfg.data.seq_len,
-            cfg.data.template,
-            cfg.data.skip_invalid,
+            self.passes.eval_files, self.tokenizer, d.seq_len, d.text.template, d.skip_invalid
         )
-        rows = build_rows(data, cfg.data.seq_len, cfg.data.pack, cfg.data.seed)
-        split = even_split(len(rows), cfg.sft.micro_batch_size, self.ps.dp_rank, self.ps.dp_size)
+        rows = build_rows(data, d.seq_len, d.pack, d.seed)
         batches = []
-        for idx, filler in split:
+        for idx, filler in even_split(len(rows), mbs, self.ps.dp_rank, self.ps.dp_size):
             mb = collate_rows(
-                [[data.samples[i] for i in rows[r]] for r in idx],
-                cfg.data.seq_len,
-                self.tokenizer.pad_id,
+                [[data.samples[i] for i in rows[r]] for r in idx], d.seq_len, self.tokenizer.pad_id
             )
             if filler:
                 mb["labels"] = torch.full_like(mb["labels"], IGNORE_INDEX)
@@ -128,29 +110,30 @@ class SFTTrainer(TrainLoop):
 
     # ----------------------------------------------------------------------------- steps
 
-    def train_step(self, micro_batches: list[dict]) -> dict:
+    def optimizer_step(self, micro_batches: list[dict]) -> dict:
         """One optimizer step over this rank's micro-batches; returns its metrics."""
         ps = self.ps
         loss_tokens, tokens = (
             int(x)
-            for x in self.sum_over_dp(
+            for x in sum_over_dp(
                 [
                     sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches),
                     sum(int((mb["segment_ids"] != 0).sum()) for mb in micro_batches),
-                ]
+                ],
+                ps,
             )
         )
         loss_fn = make_sft_loss_fn(float(max(loss_tokens, 1)), ps.tp_group)
-        self.engine.begin_step(len(micro_batches))
+        self.model.begin_step(len(micro_batches))
         stats = self.fwd_bwd(
-            model=self.engine,
+            model=self.model,
             micro_batches=micro_batches,
             loss_fn=loss_fn,
             ps=ps,
-            backward_fn=self.engine.backward,
+            backward_fn=self.model.backward,
         )
-        out = self.engine.step()
-        (loss_sum,) = self.sum_over_replicas([sum(float(s["loss_sum"]) for s in stats)])
+        out = self.model.step()
+        (loss_sum,) = sum_over_replicas([sum(float(s["loss_sum"]) for s in stats)], ps)
         return {
             "loss": loss_sum / max(loss_tokens, 1),
             "lr": out["lr"],
@@ -162,11 +145,11 @@ class SFTTrainer(TrainLoop):
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Mean token loss over the held-out files (all DP ranks' rows)."""
-        self.engine.train(False)
+        self.model.train(False)
         loss_sum = count = 0.0
         if self.eval_batches:
             stats = self.fwd_bwd(
-                model=self.engine,
+                model=self.model,
                 micro_batches=self.to_device(self.eval_batches),
                 loss_fn=make_sft_loss_fn(1.0, self.ps.tp_group),
                 ps=self.ps,
@@ -174,16 +157,17 @@ class SFTTrainer(TrainLoop):
             )
             loss_sum = sum(float(s["loss_sum"]) for s in stats)
             count = sum(float(s["tokens"]) for s in stats)
-        self.engine.train(True)
-        loss_sum, count = self.sum_over_replicas([loss_sum, count])
+        self.model.train(True)
+        loss_sum, count = sum_over_replicas([loss_sum, count], self.ps)
         return {"eval_loss": loss_sum / max(count, 1.0), "eval_tokens": int(count)}
 
-    def count(self, rec: dict) -> None:
+    def count(self, rec: dict) -> dict:
         self.counters.tokens += rec["tokens"]
         self.counters.loss_tokens += rec["loss_tokens"]
+        return {"total_tokens": self.counters.tokens}
 
-    def summary(self, step: int, total: int, rec: dict) -> str:
-        line = super().summary(step, total, rec)
+    def summary(self, step: int, rec: dict) -> str:
+        line = super().summary(step, rec)
         if "eval_loss" in rec:
             line += f" eval_loss {rec['eval_loss']:.4f}"
         return line

@@ -5,7 +5,14 @@ import math
 import torch
 
 from megarlhf.algos.kl_controller import KLController, adaptive_kl_update
-from megarlhf.algos.ppo import policy_loss, token_rewards, value_loss
+from megarlhf.algos.ppo import (
+    aggregate,
+    clipped_surrogate,
+    clipped_value_loss,
+    loss_normalizer,
+    ptx_loss,
+    token_rewards,
+)
 from megarlhf.algos.stats import explained_variance, masked_mean, masked_var, masked_whiten
 
 
@@ -29,7 +36,9 @@ def test_policy_loss_matches_loop_reference():
     logp, old = torch.randn(3, 5) * 0.3, torch.randn(3, 5) * 0.3
     adv = torch.randn(3, 5)
     mask = (torch.rand(3, 5) > 0.3).float()
-    loss, stats = policy_loss(logp, old, adv, mask, clip_eps=0.2)
+    per_token, stats = clipped_surrogate(logp, old, adv, clip_eps=0.2)
+    loss = aggregate(per_token, mask, "token-mean", float(mask.sum()))
+    clipfrac = float((stats["clipped"] * mask).sum() / mask.sum())
     terms, clipped_count = [], 0
     for i in range(3):
         for j in range(5):
@@ -40,7 +49,7 @@ def test_policy_loss_matches_loop_reference():
                 terms.append(max(u, c))
                 clipped_count += c > u
     assert abs(loss.item() - sum(terms) / len(terms)) < 1e-6
-    assert abs(stats["clipfrac"].item() - clipped_count / len(terms)) < 1e-6
+    assert abs(clipfrac - clipped_count / len(terms)) < 1e-6
 
 
 def test_value_loss_clipping_by_hand():
@@ -48,10 +57,40 @@ def test_value_loss_clipping_by_hand():
     old = torch.tensor([[0.5, 0.0]])
     returns = torch.tensor([[2.0, 1.0]])
     mask = torch.ones(1, 2)
-    loss, stats = value_loss(values, old, returns, mask, clip_range=0.2)
+    per_token, stats = clipped_value_loss(values, old, returns, clip_range=0.2)
     # token 0: unclipped (1-2)^2 = 1; clipped V = 0.7 -> 1.69: max 1.69. token 1: 1 and 1.
-    assert abs(loss.item() - 0.5 * (1.69 + 1.0) / 2) < 1e-6
-    assert stats["value_clipfrac"].item() == 0.5
+    assert torch.allclose(per_token, torch.tensor([[0.5 * 1.69, 0.5]]))
+    assert abs(aggregate(per_token, mask, "token-mean", 2.0).item() - (0.5 * 1.69 + 0.5) / 2) < 1e-6
+    assert stats["clipped"].tolist() == [[1.0, 0.0]]
+    unclipped, _ = clipped_value_loss(values, old, returns, clip_range=0.0)
+    assert torch.allclose(unclipped, torch.tensor([[0.5, 0.5]]))
+
+
+def test_loss_aggregation_modes_by_hand():
+    """Two micro-batches of one step, rows of 3 tokens: [a, b, -] [c, -, -] | [d, e, f]."""
+    x1, m1 = (
+        torch.tensor([[1.0, 2.0, 9.0], [4.0, 9.0, 9.0]]),
+        torch.tensor([[1, 1, 0], [1, 0, 0.0]]),
+    )
+    x2, m2 = torch.tensor([[1.0, 1.0, 4.0]]), torch.ones(1, 3)
+    total = lambda v: [sum(v)]  # noqa: E731 - one DP rank
+    want = {
+        "token-mean": (1 + 2 + 4 + 1 + 1 + 4) / 6,
+        "seq-mean-token-sum": (3 + 4 + 6) / 3,
+        "seq-mean-token-mean": (1.5 + 4 + 2) / 3,
+        "seq-mean-token-sum-norm": (3 + 4 + 6) / (3 * 3),
+    }
+    for mode, value in want.items():
+        n = loss_normalizer([m1, m2], mode, total)
+        got = aggregate(x1, m1, mode, n) + aggregate(x2, m2, mode, n)
+        assert abs(got.item() - value) < 1e-6, mode
+    # The normalizer is summed over DP ranks: two ranks holding these masks double it.
+    assert loss_normalizer([m1, m2], "token-mean", lambda v: [2 * v[0]]) == 12.0
+
+
+def test_ptx_loss_is_the_scaled_mean_next_token_nll():
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -0.5]])
+    assert ptx_loss(logp, 2.0, 4.0).item() == 2.0 * 4.0 / 4.0
 
 
 def test_masked_stats_and_whitening():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from megarlhf.data.config import DataConfig
+from megarlhf.config.data import DataConfig, TextFormatConfig
 from megarlhf.data.loader import build_sft_loader
 from megarlhf.data.sampler import ResumableSampler
 from megarlhf.data.tokenizer import load_tokenizer
@@ -76,10 +76,10 @@ def test_resume_refuses_other_data_or_batch():
 def test_loader_batches_and_resume_on_shipped_data():
     cfg = DataConfig(
         train_files=[str(REPO / "data" / "sft_tiny.jsonl")],
-        tokenizer=str(REPO / "data" / "tokenizer"),
+        text=TextFormatConfig(tokenizer=str(REPO / "data" / "tokenizer")),
         seq_len=128,
     )
-    tok = load_tokenizer(cfg.tokenizer)
+    tok = load_tokenizer(cfg.text.tokenizer)
     make = lambda r: build_sft_loader(
         cfg, tok, micro_batch_size=2, grad_accum=2, dp_rank=r, dp_size=2
     )

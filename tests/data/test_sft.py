@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from megarlhf.config import ConfigError
-from megarlhf.data.config import DataConfig
+from megarlhf.config import ConfigError, from_dict
+from megarlhf.config.data import DataConfig
 from megarlhf.data.sft import DataError, load_sft_dataset, load_sft_file
 from megarlhf.data.tokenizer import load_tokenizer
 from tests.data.common import BOS, EOS, CharTokenizer, ords
@@ -115,17 +115,22 @@ def test_utf8_bom_is_accepted(tmp_path):
 
 
 def test_data_config_validation_names_the_key():
+    def build(**kw):
+        return from_dict(DataConfig, kw, prefix="data.")
+
     with pytest.raises(ConfigError, match="data.template: 'chatml' is not one of auto|default|raw"):
-        DataConfig(template="chatml")
+        build(template="chatml")
     with pytest.raises(ConfigError, match="data.seq_len: must be >= 2"):
-        DataConfig(seq_len=1)
+        build(seq_len=1)
     with pytest.raises(ConfigError, match="data.train_files: need at least one path"):
-        DataConfig(train_files=[])
+        build(train_files=[])
+    with pytest.raises(ConfigError, match=r"^seq_len: must be >= 2"):
+        DataConfig(seq_len=1)  # built directly: the key relative to the section
 
 
 def test_shipped_demo_data_is_valid_and_masks_responses():
     cfg = DataConfig()
-    tok = load_tokenizer(REPO / cfg.tokenizer)
+    tok = load_tokenizer(REPO / cfg.text.tokenizer)
     ds = load_sft_dataset([str(REPO / f) for f in cfg.train_files], tok, cfg.seq_len)
     assert len(ds.samples) == 200 and not ds.skipped
     rows = [json.loads(x) for x in (REPO / "data" / "sft_tiny.jsonl").read_text().splitlines()]

@@ -1,6 +1,7 @@
 """Backend selection and `python -m megarlhf.report`."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,15 +11,21 @@ from megarlhf.kernels import available_backends, backend_status
 from megarlhf.kernels._dispatch import select_backend
 
 
-def test_cpu_picks_fastest_available(monkeypatch):
+def test_cpu_picks_the_cpp_ops_where_a_compiler_exists(monkeypatch):
+    """The machine decides the expectation, not the dispatcher: with a C++ compiler on PATH (the
+    project's set-up installs one; CI has it) the C++ ops must build and be picked for CPU
+    tensors; without one, pure torch, and the status says why."""
     monkeypatch.delenv("MEGARLHF_KERNEL_BACKEND", raising=False)
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
     status = {s.name: s for s in backend_status()}
-    expected = "cpp" if status["cpp"].available else "torch"
-    assert select_backend(torch.device("cpu")) == expected
-    assert available_backends("cpu")[0] == expected
-    assert "torch" in available_backends("cpu")
-    if not status["cpp"].available:
-        assert status["cpp"].detail  # says why
+    if compiler:
+        assert status["cpp"].available, status["cpp"].detail
+        assert select_backend(torch.device("cpu")) == "cpp"
+        assert available_backends("cpu") == ["cpp", "torch"]
+    else:
+        assert not status["cpp"].available and status["cpp"].detail
+        assert select_backend(torch.device("cpu")) == "torch"
+    assert select_backend(torch.device("cpu"), "torch") == "torch"
 
 
 def test_forced_backend(monkeypatch):

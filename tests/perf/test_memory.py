@@ -326,19 +326,17 @@ def _train_steps(cfg: ModelConfig, zero: int, b: int, s: int, steps: int) -> Non
     import torch
     from megarlhf.kernels import logprobs_from_logits
 
-    from megarlhf.config import ParallelConfig
+    from megarlhf.config.optim import DeepSpeedConfig, OptimConfig
     from megarlhf.model.gpt import GPTModel
+    from megarlhf.optim.deepspeed_model import DeepSpeedModel
     from megarlhf.parallel.state import build_parallel_state
-    from megarlhf.trainers.config import DeepSpeedConfig, OptimConfig
-    from megarlhf.trainers.engine import TrainEngine
-    from megarlhf.trainers.ppo_config import EngineConfig, _EngineLoop
 
     ps = build_parallel_state(1, 1)
-    ecfg = EngineConfig(
-        cfg, ParallelConfig(), OptimConfig(impl="torch"), DeepSpeedConfig(zero_stage=zero),
-        _EngineLoop(b, 1),
+    engine = DeepSpeedModel(
+        GPTModel(cfg, ps, seed=1), ps, optim=OptimConfig(impl="torch"),
+        deepspeed=DeepSpeedConfig(zero_stage=zero), micro_batch_size=b, grad_accum=1,
+        total_steps=10,
     )  # fmt: skip
-    engine = TrainEngine(GPTModel(cfg, ps, seed=1), ecfg, ps, total_steps=10)
     ids = torch.randint(0, cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(b, s, dtype=torch.long)
     mask[0, : s // 4] = 0  # left padding, as PPO batches have
@@ -371,9 +369,9 @@ def _worker_train(name: str) -> dict:
 
 def _ppo_trainer(model: dict, rollout: int, micro: int, prompt: int, response: int, out: str):
     from megarlhf.config import load_config
+    from megarlhf.config.ppo import PPORunConfig
     from megarlhf.parallel.state import build_parallel_state
     from megarlhf.trainers.ppo import PPOTrainer
-    from megarlhf.trainers.ppo_config import PPORunConfig
 
     overrides = [f"model.{k}={v}" for k, v in model.items()] + [
         "model.tie_embeddings=true",

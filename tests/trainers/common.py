@@ -119,16 +119,16 @@ def kill_when(proc: subprocess.Popen, out: Path, step: int, timeout: float = 180
 def first_batch_loss(weights: dict[str, torch.Tensor], overrides: list[str]) -> float:
     """Token-mean loss of full `weights` on the run's first global batch, in plain torch."""
     from megarlhf.config import load_config
+    from megarlhf.config.sft import SFTRunConfig
     from megarlhf.data.loader import build_sft_loader
     from megarlhf.data.tokenizer import load_tokenizer
     from megarlhf.model.gpt import GPTModel
     from megarlhf.parallel.state import single_process_state
-    from megarlhf.trainers.config import SFTRunConfig
 
     cfg = load_config(SFTRunConfig, TINY, overrides)
     cfg.data.train_files = [str(ROOT / f) for f in cfg.data.train_files]
-    tok = load_tokenizer(ROOT / cfg.data.tokenizer)
-    rows = cfg.sft.global_batch_size
+    tok = load_tokenizer(ROOT / cfg.data.text.tokenizer)
+    rows = cfg.sft.passes.global_batch_size
     loader = build_sft_loader(cfg.data, tok, micro_batch_size=rows, grad_accum=1, dp_rank=0,
                               dp_size=1)  # fmt: skip
     model = GPTModel(cfg.model, single_process_state(), seed=0)

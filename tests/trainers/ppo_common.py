@@ -36,28 +36,22 @@ def run_ppo(
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXT_DIR)
     os.chdir(ROOT)
     from megarlhf.config import load_config
+    from megarlhf.config.ppo import PPORunConfig
     from megarlhf.parallel.state import build_parallel_state
     from megarlhf.trainers.loop import TrainerHooks
     from megarlhf.trainers.ppo import PPOTrainer
-    from megarlhf.trainers.ppo_config import PPORunConfig
 
     cfg = load_config(PPORunConfig, PPO_TINY, SMALL + overrides)
     ps = build_parallel_state(cfg.parallel.tp, cfg.parallel.pp)
     records: list[dict] = []
 
-    def stop(step: int) -> None:
+    def on_step_end(step: int, rec: dict) -> None:
+        records.append(rec)
         if step == stop_after:
             raise Stop
 
-    trainer = PPOTrainer(cfg, ps, out_dir, TrainerHooks(on_step_end=stop), reward_fn=reward_fn)
-    orig = trainer.train_step
-
-    def step():
-        rec = orig()
-        records.append(rec)
-        return rec
-
-    trainer.train_step = step
+    hooks = TrainerHooks(on_step_end=on_step_end)
+    trainer = PPOTrainer(cfg, ps, out_dir, hooks, reward_fn=reward_fn)
     try:
         last = trainer.train()
     except Stop:

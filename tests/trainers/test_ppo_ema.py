@@ -21,9 +21,9 @@ def _worker(rank, world, out_dir):
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXT_DIR)
     os.chdir(ROOT)
     from megarlhf.config import load_config
+    from megarlhf.config.ppo import PPORunConfig
     from megarlhf.parallel.state import build_parallel_state
     from megarlhf.trainers.ppo import PPOTrainer
-    from megarlhf.trainers.ppo_config import PPORunConfig
 
     over = SMALL + ["ppo.max_steps=2", f"ppo.ema_decay={DECAY}", "logging.tensorboard=false"]
     cfg = load_config(PPORunConfig, PPO_TINY, over)

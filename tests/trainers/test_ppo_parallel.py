@@ -14,9 +14,9 @@ from __future__ import annotations
 import pytest
 
 from megarlhf.config import load_config
+from megarlhf.config.ppo import PPORunConfig
 from megarlhf.model.gpt import GPTModel
 from megarlhf.parallel.state import single_process_state
-from megarlhf.trainers.ppo_config import PPORunConfig
 from tests.dist import run_ranks
 from tests.trainers.common import final_weights
 from tests.trainers.ppo_common import PPO_TINY, run_ppo
@@ -72,7 +72,8 @@ def test_ppo_steps_equal_tp1(reference, layout, tmp_path):
         assert diff <= 2e-5, (name, diff)
     # The two updates moved the actor away from its initialization (same seed as the run's).
     cfg = load_config(PPORunConfig, PPO_TINY)
-    init = dict(GPTModel(cfg.model, single_process_state(), seed=cfg.ppo.seed).named_parameters())
+    seed = cfg.ppo.loop.seed
+    init = dict(GPTModel(cfg.model, single_process_state(), seed=seed).named_parameters())
     moved = max(
         (w_ref[n] - init[n].detach()[: w_ref[n].shape[0]]).abs().max().item() for n in w_ref
     )
@@ -82,16 +83,16 @@ def test_ppo_steps_equal_tp1(reference, layout, tmp_path):
 def _z3_worker(rank, world, overrides, out_dir):
     """run_ppo with every parameter really partitioned under ZeRO-3 (DeepSpeed keeps parameters
     under 1e5 elements, i.e. all of the tiny model's, whole by default)."""
-    from megarlhf.trainers import engine
+    from megarlhf.optim import deepspeed_model
 
-    base = engine.deepspeed_config
+    base = deepspeed_model.deepspeed_config
 
-    def partition_all(cfg, dp_size):
-        out = base(cfg, dp_size)
+    def partition_all(**kw):
+        out = base(**kw)
         out["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         return out
 
-    engine.deepspeed_config = partition_all
+    deepspeed_model.deepspeed_config = partition_all
     from megarlhf.engine import hybrid
 
     seen = []

@@ -116,8 +116,8 @@ def _step_errors(cfg, ps, mbs, ref):
 
 def _init_from_errors(cfg, ps, lm_dir, lm_weights):
     """Trunk from the LM checkpoint, head fresh (seed 11), output.weight dropped."""
+    from megarlhf.checkpoint.init_from import load_init_weights
     from megarlhf.model.gpt import GPTModel, init_full_parameter
-    from megarlhf.trainers.init_from import load_init_weights
 
     model = GPTModel(cfg, ps, seed=11)
     info = load_init_weights(model, lm_dir, ps)
@@ -139,7 +139,7 @@ def _init_from_errors(cfg, ps, lm_dir, lm_weights):
 
 def _normalization(cfg, ps, demo, want_mean):
     from megarlhf.model.gpt import GPTModel
-    from megarlhf.trainers.reward_norm import demonstration_reward_mean, normalize_reward_bias
+    from megarlhf.trainers.rm import demonstration_reward_mean, normalize_reward_bias
 
     model = GPTModel(cfg, ps, seed=7)
     mean = normalize_reward_bias(model, demo, ps)
@@ -150,15 +150,15 @@ def _normalization(cfg, ps, demo, want_mean):
 
 def _train(name, overrides, root):
     from megarlhf.config import load_config
+    from megarlhf.config.rm import RMRunConfig
     from megarlhf.parallel.state import build_parallel_state
     from megarlhf.trainers.rm import RMTrainer
-    from megarlhf.trainers.rm_config import RMRunConfig
 
     cfg = load_config(RMRunConfig, RM_TINY, RUN + overrides)
     ps = build_parallel_state(cfg.parallel.tp, cfg.parallel.pp)
     trainer = RMTrainer(cfg, ps, os.path.join(root, name))
     trainer.train()
-    stage = trainer.engine.module
+    stage = trainer.model.module
     if not stage.post_process:
         return None
     import deepspeed
@@ -178,7 +178,7 @@ def _world(rank, world, lm_dir, lm_weights, demo_mean, root):
     os.environ["LOCAL_RANK"] = str(rank)
     os.chdir(ROOT)
     from megarlhf.parallel.state import build_parallel_state
-    from megarlhf.trainers.reward_norm import demonstration_batches
+    from megarlhf.trainers.rm import demonstration_batches
 
     out = {"step": {}, "init_from": {}}
     for family in ("gpt2", "llama"):

@@ -12,18 +12,22 @@ import re
 import pytest
 import torch
 
+from megarlhf.checkpoint.init_from import load_init_weights
 from megarlhf.config import ConfigError, load_config
+from megarlhf.config.rm import RMRunConfig
+from megarlhf.config.sft import SFTRunConfig
 from megarlhf.data.ranking_loader import RankingLoader
 from megarlhf.data.rankings import collate_rankings, load_ranking_dataset
 from megarlhf.data.sampler import ResumableSampler, even_split
 from megarlhf.data.tokenizer import load_tokenizer
 from megarlhf.model.gpt import GPTModel
 from megarlhf.parallel.state import single_process_state
-from megarlhf.trainers.config import SFTRunConfig, resolve_batch
-from megarlhf.trainers.init_from import load_init_weights
-from megarlhf.trainers.reward_norm import demonstration_batches, normalize_reward_bias
-from megarlhf.trainers.rm import make_rm_loss_fn, summarize
-from megarlhf.trainers.rm_config import RMRunConfig
+from megarlhf.trainers.rm import (
+    demonstration_batches,
+    make_rm_loss_fn,
+    normalize_reward_bias,
+    summarize,
+)
 from tests.model.common import tiny_config
 from tests.trainers.common import ROOT, TINY
 from tests.trainers.rm_common import (
@@ -55,9 +59,9 @@ def test_config_errors_name_the_key(override, message):
 
 def test_global_batch_in_prompts_sets_grad_accum():
     cfg = load_config(RMRunConfig, RM_TINY, ["rm.micro_batch_size=2", "rm.global_batch_size=8"])
-    assert [resolve_batch(cfg, dp, "rm", " prompts").rm.grad_accum for dp in (1, 2, 4)] == [4, 2, 1]
+    assert [cfg.resolved_passes(dp).grad_accum for dp in (1, 2, 4)] == [4, 2, 1]
     with pytest.raises(ConfigError, match="rm.global_batch_size: 8 prompts is not a multiple"):
-        resolve_batch(cfg, 3, "rm", " prompts")
+        cfg.resolved_passes(3)
 
 
 def test_shipped_sft_and_rm_configs_share_the_model():

@@ -72,8 +72,8 @@ def _train_runs(rank: int, world: int, runs: dict, root: str) -> None:
     os.environ["LOCAL_RANK"] = str(rank)
     os.chdir(ROOT)
     from megarlhf.config import load_config
+    from megarlhf.config.sft import SFTRunConfig
     from megarlhf.parallel.state import build_parallel_state
-    from megarlhf.trainers.config import SFTRunConfig
     from megarlhf.trainers.sft import SFTTrainer
 
     for name, overrides in runs.items():
@@ -109,19 +109,19 @@ def _assert_same_training(run, ref, rtol=RTOL, atol=ATOL):
 def _plain_torch_reference(steps: int):
     """The reference run re-done without DeepSpeed: full batch per step, torch AdamW."""
     from megarlhf.config import load_config
+    from megarlhf.config.sft import SFTRunConfig
     from megarlhf.data.loader import build_sft_loader
     from megarlhf.data.tokenizer import load_tokenizer
     from megarlhf.model.gpt import GPTModel
+    from megarlhf.optim.schedule import warmup_cosine_lr
     from megarlhf.parallel.state import single_process_state
-    from megarlhf.trainers.config import SFTRunConfig
-    from megarlhf.trainers.engine import warmup_cosine_lr
 
     cfg = load_config(SFTRunConfig, TINY, BASE + ONE_RANK[REFERENCE])
-    tok = load_tokenizer(ROOT / cfg.data.tokenizer)
+    tok = load_tokenizer(ROOT / cfg.data.text.tokenizer)
     data = cfg.data
     data.train_files = [str(ROOT / f) for f in data.train_files]
     loader = build_sft_loader(data, tok, micro_batch_size=8, grad_accum=1, dp_rank=0, dp_size=1)
-    model = GPTModel(cfg.model, single_process_state(), seed=cfg.sft.seed)
+    model = GPTModel(cfg.model, single_process_state(), seed=cfg.sft.loop.seed)
     o = cfg.optim
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -214,10 +214,10 @@ def test_bf16_follows_fp32(runs):
 
 def _init(name: str) -> torch.Tensor:
     from megarlhf.config import load_config
+    from megarlhf.config.sft import SFTRunConfig
     from megarlhf.model.gpt import GPTModel
     from megarlhf.parallel.state import single_process_state
-    from megarlhf.trainers.config import SFTRunConfig
 
     cfg = load_config(SFTRunConfig, TINY, BASE)
-    model = GPTModel(cfg.model, single_process_state(), seed=cfg.sft.seed)
+    model = GPTModel(cfg.model, single_process_state(), seed=cfg.sft.loop.seed)
     return dict(model.named_parameters())[name].detach()

@@ -2,7 +2,8 @@
 metric key each step; from checkpoints (an SFT-format actor, an RM-format reward model) in one
 plain process; and bad inputs (empty prompt file, a prompt longer than the context, a reward
 model / critic whose shape does not match the actor, a bad key value) exit 2 with one line naming
-the problem, before any training; two deepspeed launchers simulating two nodes equal torchrun."""
+the problem, before any training; two deepspeed launchers simulating two nodes equal torchrun; a
+kill inside a checkpoint save (MEGARLHF_FAULT=save:N) resumes bitwise."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 
 import pytest
 
+from megarlhf.checkpoint import atomic
 from tests.trainers.common import (
     BIN,
     QUIET,
@@ -36,24 +38,26 @@ FAST = QUIET + [
 KEYS = (
     "step reward_mean reward_std kl kl_coef non_score_reward entropy clipfrac approx_kl "
     "value_loss policy_loss explained_variance response_length logprob_mismatch ptx_loss "
-    "tokens_per_s time_generate time_reshard time_reference time_values time_reward "
+    "tokens_per_s time_generate time_reshard time_actor_forward time_reference_forward "
+    "time_values time_reward "
     "time_advantages time_update_actor time_update_critic"
 ).split()
 
 
-def _run(cmd, out, overrides, timeout=240):
+def _run(cmd, out, overrides, timeout=240, env_extra=None):
     full = cmd + ["--config", PPO_TINY, "--output-dir", str(out), *FAST, *overrides]
     return subprocess.run(
-        full, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
+        full, env=env(**(env_extra or {})), capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+    )  # fmt: skip
 
 
 def _model_ckpt(path, head: str, **shape) -> None:
     from megarlhf.checkpoint.model_shards import save_model_shard
     from megarlhf.config import load_config
+    from megarlhf.config.ppo import PPORunConfig
     from megarlhf.model.gpt import GPTModel
     from megarlhf.parallel.state import single_process_state
-    from megarlhf.trainers.ppo_config import PPORunConfig
 
     cfg = load_config(PPORunConfig, PPO_TINY).model
     cfg = type(cfg)(**{**vars(cfg), "head": head, **shape})
@@ -92,6 +96,36 @@ def test_from_sft_and_rm_checkpoints(tmp_path):
     )
     assert "random initialization" not in proc.stderr
     assert len(metrics(out)) == 2
+
+
+@pytest.mark.timeout(300)
+def test_kill_inside_a_save_then_resume_is_bitwise(tmp_path):
+    """MEGARLHF_FAULT=save:2 kills the run inside step 2's checkpoint (files written, nothing
+    committed); the torn folder is never loaded, and the run resumed from step 1 ends bitwise
+    equal to an uninterrupted one, with the trainer_state.json of the checkpoint layout."""
+    over = ["checkpoint.save_every=1", "checkpoint.keep_last=0", "ppo.max_steps=3"]
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    check(_run([sys.executable, TOOL], straight, over))
+    killed = _run([sys.executable, TOOL], cut, over, env_extra={"MEGARLHF_FAULT": "save:2"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    torn = cut / "checkpoints" / ".tmp_step_000002"
+    assert torn.is_dir() and not (torn / "COMPLETE.json").exists()
+    assert [s for s, _ in atomic.list_checkpoints(cut / "checkpoints")] == [1]
+    resumed = check(_run([sys.executable, TOOL], cut, over))
+    assert "resumed from" in resumed.stderr and "step_000001" in resumed.stderr
+    assert_bitwise_equal(final_weights(cut), final_weights(straight))
+    for sub in ("critic",):
+        a, b = (atomic.find_latest(r / "checkpoints") / sub for r in (cut, straight))
+        assert_bitwise_equal(_weights(a), _weights(b))
+    state = json.loads((atomic.find_latest(cut / "checkpoints") / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["stage"] == "ppo" and state["samples"] == 3 * 8
+
+
+def _weights(ckpt) -> dict:
+    from megarlhf.checkpoint.model_shards import ModelShardsReader
+
+    with ModelShardsReader(ckpt) as r:
+        return {n: r.full_tensor(n) for n in r.names()}
 
 
 def _error(tmp_path, overrides) -> str:

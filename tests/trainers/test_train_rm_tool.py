@@ -10,8 +10,9 @@ checkpoint in the format the SFT stage writes. Against it:
 * the model learns the separable synthetic preference (> 90% held-out pair accuracy, a few
   seconds of training) and both the training and held-out losses fall;
 * the final checkpoint's reward has mean 0 over the demonstrations (plain torch, within 1e-5);
-* a run SIGKILLed after step 13 under torchrun and resumed under the deepspeed launcher ends with
-  bitwise the same weights and the same metrics.
+* a run SIGKILLed inside the checkpoint of step 16 (MEGARLHF_FAULT=save:16: files written, not
+  committed) under torchrun leaves a torn temp folder that is never loaded, and resumed under the
+  deepspeed launcher from step 8 ends with bitwise the same weights and the same metrics.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ FIELDS |= {"tokens_per_s", "epoch", "prompts", "pairs"}
 
 def _config(overrides=()):
     from megarlhf.config import load_config
-    from megarlhf.trainers.rm_config import RMRunConfig
+    from megarlhf.config.rm import RMRunConfig
 
     return load_config(RMRunConfig, RM_TINY, list(overrides))
 
@@ -134,11 +135,11 @@ def test_first_step_starts_from_the_sft_trunk_and_a_fresh_head(ref, sft):
     from megarlhf.parallel.state import single_process_state
 
     cfg = _config()
-    model = GPTModel(cfg.model, single_process_state(), seed=cfg.rm.seed)
+    model = GPTModel(cfg.model, single_process_state(), seed=cfg.rm.loop.seed)
     trunk = {k: v for k, v in sft[1].items() if k != "output.weight"}
     missing, unexpected = model.load_state_dict(trunk, strict=False)
     assert sorted(missing) == ["head.bias", "head.weight"] and not unexpected
-    tok = load_tokenizer(ROOT / cfg.data.tokenizer)
+    tok = load_tokenizer(ROOT / cfg.data.text.tokenizer)
     data = load_ranking_dataset([str(ROOT / f) for f in cfg.data.train_files], tok, 128)
     (first,) = ResumableSampler(len(data.samples), 16, 1, 0, 1, cfg.data.seed).next_step()
     samples = [data.samples[i] for i in first]
@@ -166,9 +167,12 @@ def test_final_checkpoint_is_normalized_on_the_demonstrations(ref):
 def test_kill_then_resume_under_another_launcher_is_bitwise(ref, sft, tmp_path):
     out = tmp_path / "killed"
     extra = [f"checkpoint.init_from={sft[0]}"]  # ignored on resume
-    killed = _launch("torchrun", out, extra, fault="step:13")
+    killed = _launch("torchrun", out, extra, fault="save:16")
     assert killed.returncode != 0
-    assert [step for step, _ in atomic.list_checkpoints(out / "checkpoints")] == [8]
+    root = out / "checkpoints"
+    torn = root / ".tmp_step_000016"
+    assert torn.is_dir() and not (torn / "COMPLETE.json").exists()
+    assert [step for step, _ in atomic.list_checkpoints(root)] == [8]
     resumed = check(_launch("deepspeed", out, extra))
     assert "resumed from" in resumed.stderr
     assert_bitwise_equal(final_weights(out), final_weights(ref))

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from megarlhf.config import ConfigError, load_config
-from megarlhf.trainers.config import SFTRunConfig, resolve_batch
-from megarlhf.trainers.engine import check_engine_supported, deepspeed_config, warmup_cosine_lr
+from megarlhf.config.sft import SFTRunConfig
+from megarlhf.optim.deepspeed_model import deepspeed_config
+from megarlhf.optim.schedule import warmup_cosine_lr
 from megarlhf.utils.metrics import truncate_after
 from megarlhf.utils.threads import set_threads_per_rank, threads_per_rank
 from tests.trainers.common import ROOT, TINY
@@ -18,19 +19,19 @@ from tests.trainers.common import ROOT, TINY
 @pytest.mark.parametrize("name", ["sft_tiny", "sft_gpt2_124m", "sft_llama_7b", "sft_llama_70b"])
 def test_presets_load(name):
     cfg = load_config(SFTRunConfig, ROOT / "configs" / f"{name}.yaml")
-    check_engine_supported(cfg)
+    assert cfg.loop.micro_batch_size >= 1
 
 
 def test_tiny_keeps_its_global_batch_at_any_dp_size():
     cfg = load_config(SFTRunConfig, TINY)
     for dp, accum in [(1, 4), (2, 2), (4, 1)]:
-        r = resolve_batch(cfg, dp)
-        assert r.sft.grad_accum == accum
-        assert r.sft.micro_batch_size * r.sft.grad_accum * dp == 8
+        r = cfg.resolved_passes(dp)
+        assert r.grad_accum == accum
+        assert cfg.sft.loop.micro_batch_size * r.grad_accum * dp == 8
     with pytest.raises(
         ConfigError, match=r"sft.global_batch_size: 8 is not a multiple of .* 2 \* 8"
     ):
-        resolve_batch(cfg, 8)
+        cfg.resolved_passes(8)
 
 
 @pytest.mark.parametrize(
@@ -51,9 +52,8 @@ def test_bad_configs_name_the_key(overrides, message):
 
 
 def test_bf16_without_zero_is_refused():
-    cfg = load_config(SFTRunConfig, TINY, ["model.dtype=bf16", "deepspeed.zero_stage=0"])
     with pytest.raises(ConfigError, match="deepspeed.zero_stage: 0 runs fp32 only"):
-        check_engine_supported(cfg)
+        load_config(SFTRunConfig, TINY, ["model.dtype=bf16", "deepspeed.zero_stage=0"])
 
 
 def test_warmup_cosine_schedule():
@@ -69,16 +69,21 @@ def test_warmup_cosine_schedule():
 
 
 def test_deepspeed_config_follows_the_run_config():
-    cfg = resolve_batch(
-        load_config(SFTRunConfig, TINY, ["deepspeed.zero_stage=2", "model.dtype=bf16"]), 2
-    )
-    ds = deepspeed_config(cfg, dp_size=2)
+    cfg = load_config(SFTRunConfig, TINY, ["deepspeed.zero_stage=2", "model.dtype=bf16"])
+    kw = dict(micro_batch_size=cfg.loop.micro_batch_size, dp_size=2)
+    ds = deepspeed_config(
+        optim=cfg.optim, deepspeed=cfg.deepspeed, bf16=True,
+        grad_accum=cfg.resolved_passes(2).grad_accum, **kw,
+    )  # fmt: skip
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (2, 2)
     assert ds["train_batch_size"] == 8
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"] == {"enabled": True}
     assert ds["gradient_clipping"] == cfg.optim.clip_grad
-    stage0 = deepspeed_config(load_config(SFTRunConfig, TINY, ["deepspeed.zero_stage=0"]), 1)
-    assert stage0["gradient_clipping"] == 0.0  # clipped by TrainEngine itself
+    zero0 = load_config(SFTRunConfig, TINY, ["deepspeed.zero_stage=0"])
+    stage0 = deepspeed_config(
+        optim=zero0.optim, deepspeed=zero0.deepspeed, bf16=False, grad_accum=1, **kw
+    )
+    assert stage0["gradient_clipping"] == 0.0  # clipped by DeepSpeedModel itself
 
 
 def test_threads_per_rank():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megarlhf.algos.group_baseline import group_advantages
+from megarlhf.algos.advantages import group_advantages
 
 
 def test_rloo_leave_one_out():

@@ -1,4 +1,4 @@
-"""`TrainEngine`: a GPT stage driven by DeepSpeed (ZeRO data parallelism) inside our TP x PP layout.
+"""`DeepSpeedModel`: a GPT stage driven by DeepSpeed (ZeRO data parallelism) in our TP x PP layout.
 
 DeepSpeed owns what it is good at: ZeRO partitioning of optimizer state / gradients / parameters
 over the data-parallel group, bf16 with fp32 master weights, the optimizer step, its checkpoint
@@ -30,16 +30,16 @@ things DeepSpeed cannot see across pipeline stages:
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from megarlhf.config import ConfigError
+from megarlhf.config.optim import DeepSpeedConfig, OptimConfig, check_supported
+from megarlhf.optim.adamw import build_optimizer, param_groups
+from megarlhf.optim.schedule import build_scheduler
 from megarlhf.parallel.state import ParallelState, global_rank_of
-from megarlhf.trainers.config import SFTRunConfig, check_supported
 
 logger = logging.getLogger(__name__)
 
@@ -145,91 +145,36 @@ def _tied_copy(model) -> bool:
     return bool(model.cfg.tie_embeddings and model.post_process and not model.pre_process)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: matrices decay, vectors (biases, norm weights) do not.
+def deepspeed_config(
+    *,
+    optim: OptimConfig,
+    deepspeed: DeepSpeedConfig,
+    bf16: bool,
+    micro_batch_size: int,
+    grad_accum: int,
+    dp_size: int,
+) -> dict:
+    """The DeepSpeed config dict of one trained model (batch sizes, ZeRO, precision, clipping).
 
-    Embedding matrices decay too (Megatron's default); their zero padding rows stay zero because
-    decoupled decay and Adam both leave a zero parameter with zero gradient at zero.
+    DeepSpeed only books the batch shape; our schedule decides what a micro-batch is.
     """
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
-
-
-def build_optimizer(groups: list[dict], cfg: SFTRunConfig) -> torch.optim.Optimizer:
-    """torch AdamW, or DeepSpeed's FusedAdam on CUDA when `optim.impl=auto` and it loads."""
-    o = cfg.optim
-    kw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-    if o.impl == "auto" and torch.cuda.is_available():
-        try:
-            from deepspeed.ops.adam import FusedAdam
-
-            return FusedAdam(groups, adam_w_mode=True, **kw)
-        except Exception as e:  # no compiler / CUDA toolkit: fall back, loudly
-            logger.warning("DeepSpeed FusedAdam unavailable (%s); using torch AdamW", e)
-            return torch.optim.AdamW(groups, fused=True, **kw)
-    return torch.optim.AdamW(groups, **kw)
-
-
-def warmup_cosine_lr(
-    step: int, *, lr: float, min_lr: float, warmup_steps: int, decay_steps: int
-) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr.
-
-    Warmup reaches `lr` at step `warmup_steps - 1` (the first step already moves, with
-    lr / warmup_steps); the cosine then runs `decay_steps` steps and stays at `min_lr` after.
-    """
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    t = min(step - warmup_steps, decay_steps) / max(decay_steps, 1)
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * t))
-
-
-def build_scheduler(optimizer, cfg: SFTRunConfig, total_steps: int):
-    """`torch.optim.lr_scheduler.LambdaLR` over `warmup_cosine_lr` (stepped by DeepSpeed)."""
-    o = cfg.optim
-    decay = o.decay_steps or max(total_steps - o.warmup_steps, 1)
-
-    def factor(step: int) -> float:
-        return (
-            warmup_cosine_lr(
-                step, lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps, decay_steps=decay
-            )
-            / o.lr
-        )
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def deepspeed_config(cfg: SFTRunConfig, dp_size: int) -> dict:
-    """The DeepSpeed config dict for this run (batch sizes, ZeRO, precision, clipping).
-
-    `cfg` is any stage's run config (SFTRunConfig, RMRunConfig): the batch shape comes from its
-    loop section `cfg.loop` (DeepSpeed only books it; our schedule decides what a micro-batch is).
-    """
-    d, s = cfg.deepspeed, cfg.loop
-    stage = d.zero_stage
+    stage = deepspeed.zero_stage
     zero: dict = {
         "stage": stage,
-        "overlap_comm": d.overlap_comm,
-        "contiguous_gradients": d.contiguous_gradients,
-        "reduce_bucket_size": d.reduce_bucket_size,
+        "overlap_comm": deepspeed.overlap_comm,
+        "contiguous_gradients": deepspeed.contiguous_gradients,
+        "reduce_bucket_size": deepspeed.reduce_bucket_size,
     }
     if stage in (1, 2):
-        zero["allgather_bucket_size"] = d.allgather_bucket_size
+        zero["allgather_bucket_size"] = deepspeed.allgather_bucket_size
     return {
-        "train_micro_batch_size_per_gpu": s.micro_batch_size,
-        "gradient_accumulation_steps": s.grad_accum,
-        "train_batch_size": s.micro_batch_size * s.grad_accum * dp_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * dp_size,
         # Stage 0 is clipped by us (DeepSpeed's fp32 path miscounts pipeline stages).
-        "gradient_clipping": cfg.optim.clip_grad if stage > 0 else 0.0,
+        "gradient_clipping": optim.clip_grad if stage > 0 else 0.0,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.model.dtype == "bf16"},
+        "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,
@@ -238,60 +183,71 @@ def deepspeed_config(cfg: SFTRunConfig, dp_size: int) -> dict:
     }
 
 
-def check_engine_supported(cfg: SFTRunConfig) -> None:
-    """Refuse what this wrapper cannot drive, naming the keys (before building anything)."""
-    check_supported(cfg.deepspeed.zero_stage, cfg.parallel.pp)
-    if cfg.deepspeed.zero_stage == 0 and cfg.model.dtype == "bf16":
-        raise ConfigError(
-            "deepspeed.zero_stage: 0 runs fp32 only (DeepSpeed's stage-0 bf16 path keeps bf16 "
-            "gradients without fp32 master weights); use deepspeed.zero_stage>=1 with "
-            "model.dtype=bf16"
-        )
+# ----------------------------------------------------------------------------- the wrapper
 
 
-# ----------------------------------------------------------------------------- the engine
-
-
-class TrainEngine:
+class DeepSpeedModel:
     """One rank's model stage under DeepSpeed, stepping one global batch at a time.
 
     Usage per optimizer step (every rank):
 
-        engine.begin_step(num_micro_batches)
-        ...  # for each micro-batch: engine(...) forward, then engine.backward(loss or out, grad)
-        stats = engine.step()   # {"grad_norm", "lr"}
+        model.begin_step(num_micro_batches)
+        ...  # for each micro-batch: model(...) forward, then model.backward(loss or out, grad)
+        stats = model.step()   # {"grad_norm", "lr"}
 
-    `engine.backward` matches the pipeline schedule's `backward_fn(tensor, grad)` contract.
+    `model.backward` matches the pipeline schedule's `backward_fn(tensor, grad)` contract.
 
     Args:
-        model: this rank's GPTModel stage (weights already initialized or loaded).
-        cfg: the run config.
+        model: this rank's GPTModel stage (weights already initialized or loaded); its config
+            gives the precision (model.dtype bf16: DeepSpeed's bf16 mode, fp32 master weights).
         ps: the layout.
+        optim: optimizer, schedule and clipping.
+        deepspeed: ZeRO stage and communication settings.
+        micro_batch_size, grad_accum: the batch shape DeepSpeed books.
         total_steps: optimizer steps of the whole run (sizes the cosine decay).
     """
 
-    def __init__(self, model: nn.Module, cfg: SFTRunConfig, ps: ParallelState, total_steps: int):
-        import deepspeed
+    def __init__(
+        self,
+        model: nn.Module,
+        ps: ParallelState,
+        *,
+        optim: OptimConfig,
+        deepspeed: DeepSpeedConfig,
+        micro_batch_size: int,
+        grad_accum: int,
+        total_steps: int,
+    ):
+        import deepspeed as ds
 
-        check_engine_supported(cfg)
-        self.run_cfg, self.ps, self.model = cfg, ps, model
-        self.zero_stage = cfg.deepspeed.zero_stage
+        mcfg = model.cfg
+        check_supported(deepspeed.zero_stage, ps.pp_size, mcfg.dtype)
+        self.ps, self.optim_cfg = ps, optim
+        self.zero_stage = deepspeed.zero_stage
         mark_parallel_parameters(model)
-        if self.zero_stage == 3 and cfg.model.tie_embeddings and model.post_process:
+        if self.zero_stage == 3 and mcfg.tie_embeddings and model.post_process:
             # The output layer reads the embedding weight outside its owning module's forward.
-            deepspeed.zero.register_external_parameter(model, model.embedding.word.weight)
-        optimizer = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg)
-        scheduler = build_scheduler(optimizer, cfg, total_steps)
+            ds.zero.register_external_parameter(model, model.embedding.word.weight)
+        optimizer = build_optimizer(param_groups(model, optim.weight_decay), optim)
+        scheduler = build_scheduler(optimizer, optim, total_steps)
         self.mpu = DeepSpeedMPU(ps)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+        config = deepspeed_config(
+            optim=optim,
+            deepspeed=deepspeed,
+            bf16=mcfg.dtype == "bf16",
+            micro_batch_size=micro_batch_size,
+            grad_accum=grad_accum,
+            dp_size=ps.dp_size,
+        )
+        self.ds, self.optimizer, _, self.scheduler = ds.initialize(
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
             mpu=self.mpu,
-            config=deepspeed_config(cfg, ps.dp_size),
+            config=config,
             dist_init_required=False,
         )
-        self.tied_pipeline = bool(cfg.model.tie_embeddings and ps.pp_size > 1)
+        self.tied_pipeline = bool(mcfg.tie_embeddings and ps.pp_size > 1)
         self._coalesce = self.tied_pipeline and self.zero_stage in (1, 2)
         self._ctx = None
         self._num_micro = 0
@@ -302,13 +258,18 @@ class TrainEngine:
     @property
     def module(self) -> nn.Module:
         """The model DeepSpeed wraps (the pipeline schedule reads its config through this)."""
-        return self.engine.module
+        return self.ds.module
+
+    @property
+    def device(self) -> torch.device:
+        """Where DeepSpeed put the model (the rank's accelerator, or the CPU)."""
+        return torch.device(getattr(self.ds, "device", None) or "cpu")
 
     def __call__(self, *args, **kwargs):
-        return self.engine(*args, **kwargs)
+        return self.ds(*args, **kwargs)
 
     def train(self, mode: bool = True) -> None:
-        self.engine.train(mode)
+        self.ds.train(mode)
 
     def begin_step(self, num_micro_batches: int) -> None:
         """Start accumulating one optimizer step of `num_micro_batches` backward calls."""
@@ -318,12 +279,12 @@ class TrainEngine:
         if self._coalesce:
             # The block restores on exit the boundary flag it found on entry, and step() must
             # then see a boundary.
-            self.engine.set_gradient_accumulation_boundary(True)
-            self._ctx = self.engine.coalesce_grad_reduction()
+            self.ds.set_gradient_accumulation_boundary(True)
+            self._ctx = self.ds.coalesce_grad_reduction()
             self._ctx.__enter__()
         else:
             self._ctx = True
-        self.engine.set_gradient_accumulation_boundary(num_micro_batches == 1)
+        self.ds.set_gradient_accumulation_boundary(num_micro_batches == 1)
 
     def backward(self, tensor: torch.Tensor, grad: torch.Tensor | None = None) -> None:
         """Backward of one micro-batch: (loss, None) on the last stage, (output, grad) elsewhere.
@@ -335,14 +296,14 @@ class TrainEngine:
         self._backwards += 1
         if self._backwards > self._num_micro:
             raise RuntimeError(f"more backward calls than the {self._num_micro} micro-batches")
-        self.engine.set_gradient_accumulation_boundary(self._backwards == self._num_micro)
+        self.ds.set_gradient_accumulation_boundary(self._backwards == self._num_micro)
         if grad is None:
             # Undo DeepSpeed's average over DP: our loss wants the sum.
             scalar = tensor * self.ps.dp_size
         else:
             # Same parameter gradients as torch.autograd.backward(tensor, grad).
             scalar = (tensor * grad).sum()
-        self.engine.backward(scalar, scale_wrt_gas=False)
+        self.ds.backward(scalar, scale_wrt_gas=False)
 
     def step(self) -> dict[str, float]:
         """Finish the step: sync tied embeddings, clip, update, advance the LR schedule.
@@ -358,7 +319,7 @@ class TrainEngine:
             )
         grad_norm = None
         if self._coalesce:
-            self.engine.set_gradient_accumulation_boundary(True)
+            self.ds.set_gradient_accumulation_boundary(True)
             self.module.sync_tied_embedding_grads()
             self._ctx.__exit__(None, None, None)
         elif self.zero_stage == 0:
@@ -367,9 +328,9 @@ class TrainEngine:
             grad_norm = self._clip_stage0()
         self._ctx = None
         lr = self.current_lr()
-        self.engine.step()
+        self.ds.step()
         if grad_norm is None:
-            norm = self.engine.get_global_grad_norm()
+            norm = self.ds.get_global_grad_norm()
             grad_norm = float(norm) if norm is not None else float("nan")
         return {"grad_norm": grad_norm, "lr": lr}
 
@@ -387,7 +348,7 @@ class TrainEngine:
         if self.ps.mp_group is not None:
             dist.all_reduce(total, group=self.ps.mp_group)
         norm = float(total.sqrt())
-        clip = self.run_cfg.optim.clip_grad
+        clip = self.optim_cfg.clip_grad
         if clip > 0 and norm > clip:
             coef = clip / (norm + 1e-6)
             for p in self.module.parameters():
@@ -400,13 +361,13 @@ class TrainEngine:
     def save_state(self, ckpt_dir: str | Path) -> None:
         """DeepSpeed's own checkpoint (module, ZeRO-partitioned optimizer, LR scheduler) of this
         rank into `<ckpt_dir>/deepspeed/state/`. Collective over the world."""
-        self.engine.save_checkpoint(
+        self.ds.save_checkpoint(
             str(Path(ckpt_dir) / DS_SUBDIR), tag=DS_TAG, client_state={}, save_latest=False
         )
 
     def load_state(self, ckpt_dir: str | Path) -> None:
         """Restore what `save_state` wrote (same layout and DP size). Collective."""
-        path, _ = self.engine.load_checkpoint(
+        path, _ = self.ds.load_checkpoint(
             str(Path(ckpt_dir) / DS_SUBDIR),
             tag=DS_TAG,
             load_optimizer_states=True,
@@ -428,3 +389,33 @@ class TrainEngine:
             else:
                 out[name] = p.detach().to("cpu", copy=True)
         return out
+
+
+@torch.no_grad()
+def add_to_parameter(param: torch.Tensor, delta: float) -> None:
+    """param += delta on this rank, DeepSpeed-aware (e.g. shifting a reward head's bias).
+
+    The optimizer's fp32 master copy (ZeRO 1/2/3) moves by the same delta, so the next step does
+    not undo the shift. ZeRO-3: the parameter is gathered, shifted and re-partitioned (every DP
+    rank computed the same value; DP rank 0's is kept), and each rank shifts the real elements of
+    its fp32 partition. Collective over the DP group under ZeRO.
+    """
+    if hasattr(param, "ds_id"):  # ZeRO-3 partitioned parameter
+        import deepspeed
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            param.add_(delta)
+        # DeepSpeed's set_full_hp_param mis-slices a parameter smaller than the DP size (a
+        # 1-element bias over 2 ranks): shift the local partition, padding excluded, instead.
+        local = safe_get_local_fp32_param(param).clone()
+        start = dist.get_rank(group=param.ds_process_group) * local.numel()
+        valid = min(max(param.ds_numel - start, 0), local.numel())
+        local[:valid] += delta
+        safe_set_local_fp32_param(param, local)
+        return
+    param.add_(delta)
+    if hasattr(param, "_hp_mapping"):  # ZeRO 1/2 (and DeepSpeed's bf16 optimizer)
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(param, safe_get_full_fp32_param(param) + delta)

@@ -1,9 +1,10 @@
-"""PPO inputs: the prompt set (JSONL), its resumable order, and the PTX (pretraining) rows.
+"""PPO inputs: the prompt set (JSONL) and the PTX (pretraining) rows, with their resumable order.
 
 Every rank holds the whole (small) tokenized prompt list and draws the same global batch of
-`rollout_batch_size` prompts per step from a seeded per-epoch permutation, so the data position is
-one integer (`consumed`). PTX text is concatenated (EOS between documents) and cut into rows of
-`ptx_seq_len` tokens, drawn the same way.
+`rollout_batch_size` prompts per step (the hybrid engine splits generation over its own layout),
+so the order is a `ResumableSampler` seen from one rank holding the whole batch. PTX text is
+concatenated (EOS between documents) and cut into rows of `ptx_seq_len` tokens, drawn the same
+way.
 """
 
 from __future__ import annotations
@@ -101,3 +102,13 @@ class EpochSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.consumed = int(state["consumed"])
+
+
+def global_batch_sampler(num_items: int, batch: int, seed: int, what: str) -> EpochSampler:
+    """The same `batch` items per step on every rank, a fresh seeded order each epoch."""
+    return EpochSampler(num_items, batch, seed)
+
+
+def next_global_batch(sampler: EpochSampler) -> list[int]:
+    """The next step's item indices (the whole global batch)."""
+    return sampler.next_batch()

@@ -1,5 +1,5 @@
 """Training checkpoints: what a step directory holds, how it is written atomically, how a run
-resumes from one bitwise-exactly.
+resumes from one bitwise-exactly. One assembly serves SFT, RM and PPO.
 
 Layout of `<output_dir>/checkpoints/` (atomicity, `latest`, keep-last-N: `checkpoint/atomic.py`):
 
@@ -11,10 +11,14 @@ Layout of `<output_dir>/checkpoints/` (atomicity, `latest`, keep-last-N: `checkp
       deepspeed/state/...          DeepSpeed's engine.save_checkpoint: module, ZeRO-partitioned
                                    optimizer state (fp32 master weights, Adam moments) per rank,
                                    LR scheduler
+      critic/model/, critic/deepspeed/   PPO: the critic, the same two parts (absent for
+                                   critic-free estimators)
+      ema/model/                   PPO with ppo.ema_decay > 0: the actor's moving average
       rng/rank_00003.pt            every random stream of each rank (python, numpy, torch, CUDA,
-                                   the TP dropout tracker)
-      trainer/rank_00003.pt        data position (sampler epoch/position) and counters, per rank
-      trainer_state.json           the same counters for humans, plus the layout
+                                   the TP dropout trackers)
+      trainer/rank_00003.pt        this rank's loop state: counters, data positions (samplers),
+                                   and what the stage adds (PPO: the KL controller, the EMA shard)
+      trainer_state.json           the counters for humans, plus the layout and the stage
       config.yaml                  the resolved run config
       COMPLETE.json, _ranks/       atomic.py's manifest and per-rank markers
     latest                         name of the checkpoint to resume from
@@ -22,7 +26,8 @@ Layout of `<output_dir>/checkpoints/` (atomicity, `latest`, keep-last-N: `checkp
 Why DeepSpeed's own format for the optimizer: it is the one format that knows how ZeRO 1/2/3 lay
 out their partitions, and `engine.load_checkpoint` restores them (and the module) exactly. The cost
 is that the weights are stored twice (in DeepSpeed's module file and in our safetensors shards);
-the shards are the portable copy. Resume reads weights from DeepSpeed's copy.
+the shards are the portable copy. Resume reads weights from DeepSpeed's copy. Frozen models (the
+PPO reference and reward model) are not saved: they are reloaded from their own paths.
 
 Resume needs the same TP, PP and DP sizes (ZeRO partitions depend on all three); a different
 TP/PP layout is refused with a pointer to the re-sharding tool, which re-shards the weights only.
@@ -33,7 +38,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,9 +47,8 @@ from megarlhf.checkpoint import atomic
 from megarlhf.checkpoint.model_shards import RESHARD_HINT, save_model_shard
 from megarlhf.checkpoint.rng import load_rng_state, save_rng_state
 from megarlhf.config import save_config
+from megarlhf.optim.deepspeed_model import DS_SUBDIR, DS_TAG, DeepSpeedModel
 from megarlhf.parallel.state import ParallelState
-from megarlhf.trainers.engine import DS_SUBDIR, DS_TAG, TrainEngine
-from megarlhf.utils.metrics import MetricsLogger
 
 logger = logging.getLogger(__name__)
 
@@ -57,18 +60,6 @@ CONFIG_FILE = "config.yaml"
 
 class ResumeError(RuntimeError):
     """A checkpoint cannot be resumed by this run; the message says why and what to do."""
-
-
-@dataclass
-class TrainCounters:
-    """Progress counters saved with every checkpoint."""
-
-    # Optimizer steps completed.
-    step: int = 0
-    # Non-padding tokens consumed (global, all DP ranks).
-    tokens: int = 0
-    # Loss tokens (response tokens) consumed (global).
-    loss_tokens: int = 0
 
 
 def layout_meta(ps: ParallelState, zero_stage: int) -> dict:
@@ -109,64 +100,15 @@ def write_model_shard_files(tmp: Path, weights: dict, cfg, ps: ParallelState) ->
     return files
 
 
-def write_engine_state(tmp: Path, engine, weights: dict, ps: ParallelState) -> list[Path]:
-    """DeepSpeed's state of `engine` plus its portable weight shards; returns this rank's files."""
-    engine.save_state(tmp)
-    files = _deepspeed_files(tmp, ps, engine.mpu.get_model_parallel_rank())
-    return files + write_model_shard_files(tmp, weights, engine.module.cfg, ps)
+def _write_model(tmp: Path, model: DeepSpeedModel, weights: dict, ps: ParallelState) -> list[Path]:
+    """DeepSpeed's state of `model` plus its portable weight shards; returns this rank's files."""
+    model.save_state(tmp)
+    files = _deepspeed_files(tmp, ps, model.mpu.get_model_parallel_rank())
+    return files + write_model_shard_files(tmp, weights, model.module.cfg, ps)
 
 
-def save_training_checkpoint(
-    root: Path,
-    *,
-    engine: TrainEngine,
-    ps: ParallelState,
-    counters: TrainCounters,
-    loader_state: dict,
-    trackers: dict,
-    run_config,
-    keep_last: int,
-    before_commit: Callable[[int], None] | None = None,
-) -> Path:
-    """Write one step directory atomically. Collective over the world.
-
-    Args:
-        root: `<output_dir>/checkpoints`.
-        engine: the training engine (weights, optimizer, scheduler).
-        ps: the layout.
-        counters: progress counters (their `step` names the directory).
-        loader_state: this rank's data-sampler state.
-        trackers: named RNG trackers of this rank (e.g. {"tp_dropout": model.rng}).
-        run_config: the resolved config, saved as YAML.
-        keep_last: keep the newest N checkpoints (0: all).
-        before_commit: test hook called with the step after this rank wrote its files and before
-            the commit barrier (a fault injected here leaves a torn temp directory).
-    Returns:
-        the committed directory.
-    """
-    step = counters.step
-    # ZeRO-3 gathers each parameter over DP: every rank takes part, DP rank 0 writes.
-    weights = engine.full_state_dict()
-
-    def write(tmp: Path) -> list[Path]:
-        files = write_engine_state(tmp, engine, weights, ps)
-        loop_state = {"counters": vars(counters).copy(), "loader": loader_state}
-        files += write_loop_state(tmp, ps, trackers, loop_state, run_config)
-        if ps.rank == 0:
-            info = {**vars(counters), **layout_meta(ps, engine.zero_stage)}
-            (tmp / TRAINER_JSON).write_text(json.dumps(info, indent=1) + "\n")
-            files.append(tmp / TRAINER_JSON)
-        if before_commit is not None:
-            before_commit(step)
-        return files
-
-    meta = {**layout_meta(ps, engine.zero_stage), "step": step}
-    return commit_checkpoint(root, step, write, ps, keep_last, meta)
-
-
-def write_loop_state(tmp: Path, ps: ParallelState, trackers, state, run_config) -> list[Path]:
-    """This rank's RNG states and loop state (torch-saved); rank 0 also the run's config.yaml.
-    Returns the files written."""
+def _write_loop_state(tmp: Path, ps: ParallelState, trackers, state, run_config) -> list[Path]:
+    """This rank's RNG states and loop state (torch-saved); rank 0 also the run's config.yaml."""
     files = [save_rng_state(tmp, ps.rank, trackers)]
     path = _rank_file(tmp, ps.rank)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -178,10 +120,64 @@ def write_loop_state(tmp: Path, ps: ParallelState, trackers, state, run_config) 
     return files
 
 
-def commit_checkpoint(
-    root: Path, step: int, write: Callable, ps: ParallelState, keep_last: int, meta: dict
+def save_checkpoint(
+    root: Path,
+    *,
+    models: dict[str, DeepSpeedModel],
+    ps: ParallelState,
+    counters: dict,
+    loop_state: dict,
+    trackers: dict,
+    run_config,
+    keep_last: int,
+    stage: str,
+    extra_weights: dict[str, dict] | None = None,
+    before_commit: Callable[[int], None] | None = None,
 ) -> Path:
-    """`atomic.save_checkpoint` over every rank of `ps` (a barrier when there are several)."""
+    """Write `<root>/step_{counters["step"]}` atomically. Collective over the world.
+
+    Args:
+        root: `<output_dir>/checkpoints`.
+        models: {subdir: trained model}; "" is the main model (step_N/model/), others go under
+            step_N/<subdir>/ (PPO's "critic").
+        ps: the layout.
+        counters: progress counters (their "step" names the directory), also in
+            trainer_state.json.
+        loop_state: this rank's further loop state (data positions, ...), torch-saveable.
+        trackers: named RNG trackers of this rank.
+        run_config: the resolved config, saved as YAML.
+        keep_last: keep the newest N checkpoints (0: all).
+        stage: "sft", "rm" or "ppo" (recorded in the manifest and trainer_state.json).
+        extra_weights: {subdir: this rank's weights} of more main-model-shaped models (PPO's EMA),
+            written as model shards under step_N/<subdir>/model/.
+        before_commit: test hook called with the step after this rank wrote its files and before
+            the commit barrier (a fault injected here leaves a torn temp directory).
+    Returns:
+        the committed directory.
+    """
+    step = int(counters["step"])
+    main = models[""]
+    # ZeRO-3 gathers each parameter over DP: every rank takes part, DP rank 0 writes.
+    weights = {sub: m.full_state_dict() for sub, m in models.items()}
+    layout = layout_meta(ps, main.zero_stage)
+
+    def write(tmp: Path) -> list[Path]:
+        files = []
+        for sub, m in models.items():
+            files += _write_model(tmp / sub if sub else tmp, m, weights[sub], ps)
+        for sub, w in (extra_weights or {}).items():
+            files += write_model_shard_files(tmp / sub, w, main.module.cfg, ps)
+        state = {"counters": dict(counters), **loop_state}
+        files += _write_loop_state(tmp, ps, trackers, state, run_config)
+        if ps.rank == 0:
+            info = {**counters, **layout, "stage": stage}
+            (tmp / TRAINER_JSON).write_text(json.dumps(info, indent=1) + "\n")
+            files.append(tmp / TRAINER_JSON)
+        if before_commit is not None:
+            before_commit(step)
+        return files
+
+    meta = {**layout, "step": step, "stage": stage}
     return atomic.save_checkpoint(
         root,
         step,
@@ -242,17 +238,22 @@ def check_resume_layout(ckpt: Path, ps: ParallelState, zero_stage: int) -> None:
             )
 
 
-def load_training_checkpoint(ckpt: Path, *, engine: TrainEngine, ps: ParallelState) -> dict:
-    """Restore weights, optimizer and scheduler; return this rank's {"counters", "loader"}.
+def load_checkpoint(ckpt: Path, *, models: dict[str, DeepSpeedModel], ps: ParallelState) -> dict:
+    """Restore every model's weights, optimizer and scheduler; return this rank's loop state
+    ({"counters": ..., and what the stage saved}).
 
     RNG streams are restored separately (`restore_rng`), as the very last thing before training
     continues, so nothing done in between consumes random numbers.
     """
-    check_resume_layout(ckpt, ps, engine.zero_stage)
+    check_resume_layout(ckpt, ps, models[""].zero_stage)
     path = _rank_file(ckpt, ps.rank)
     if not path.is_file():
         raise ResumeError(f"{path}: missing (checkpoint of another world size?)")
-    engine.load_state(ckpt)
+    for sub in models:
+        if sub and not (ckpt / sub).is_dir():
+            raise ResumeError(f"{ckpt}: has no {sub}/ (saved by a run without a {sub}?)")
+    for sub, m in models.items():
+        m.load_state(ckpt / sub if sub else ckpt)
     state = torch.load(path, weights_only=True)
     if dist.is_initialized():
         dist.barrier()
@@ -261,11 +262,3 @@ def load_training_checkpoint(ckpt: Path, *, engine: TrainEngine, ps: ParallelSta
 
 def restore_rng(ckpt: Path, ps: ParallelState, trackers: dict) -> None:
     load_rng_state(ckpt, ps.rank, trackers)
-
-
-def open_run_dir(output_dir: Path, cfg, resume_step: int, tensorboard: bool) -> MetricsLogger:
-    """Rank 0 at the start of training: the output folder, the run's config.yaml, and the metrics
-    sinks (continuing after `resume_step` when resuming, -1 for a fresh run)."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, output_dir / CONFIG_FILE)
-    return MetricsLogger(output_dir, tensorboard, resume_step)

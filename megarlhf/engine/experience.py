@@ -1,0 +1,364 @@
+"""PPO experience: the typed batch the update reads (`Experience`), and the experience maker that
+fills it from rollout samples with forward-only passes of the actor, reference, critic and reward.
+
+The maker's stages, in order (veRL's names): collate the samples, `compute_old_log_prob`,
+`compute_ref_log_prob`, `compute_values`, `compute_scores`, `compute_rewards`,
+`compute_advantages`. Each is one method; the RL math they call is in `megarlhf.algos`. Forward
+passes run in the training layout through the pipeline schedule; the last stage's outputs are
+broadcast over the pipeline, so every rank holds the whole experience of its DP slice.
+
+Log-prob semantics: `logprobs_from_logits(..., temperature=T)` with the sampling temperature T
+(1 when sampling greedily), before top-k / top-p: exactly what generation reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from megarlhf.algos.advantages import ADVANTAGE_ESTIMATORS
+from megarlhf.algos.dp_stats import dp_gather_rows, dp_named_sums, dp_whiten, my_rows
+from megarlhf.algos.kl_controller import KLController
+from megarlhf.algos.ppo import token_rewards
+from megarlhf.algos.ranking import last_token_scores
+from megarlhf.config.ppo import PPOAlgoConfig
+from megarlhf.engine.hybrid import Sample
+from megarlhf.kernels import logprobs_from_logits
+from megarlhf.parallel.scalars import from_last_stage, world_max
+from megarlhf.parallel.state import ParallelState
+from megarlhf.utils.timing import StageTimer
+
+IGNORE = -100
+
+
+@dataclass
+class Experience:
+    """One rollout batch of this training-DP rank: everything the PPO update reads.
+
+    Shapes: b rows (this rank's slice of the rollout batch); P = `prompt_width` (prompts
+    left-padded to the longest prompt of the whole rollout batch); T = response width
+    (generation.max_new_tokens; responses right-padded). Response position t is the token
+    input_ids[:, P + t], predicted by the model's output at position P + t - 1.
+
+    Model inputs:
+        input_ids       [b, P + T] long   prompt then response
+        attention_mask  [b, P + T] long   1 on real prompt and response tokens
+    Per response position:
+        responses       [b, T] long   response ids, IGNORE (-100) after the response
+        mask            [b, T] fp32   1 on response tokens
+        gen_logprobs    [b, T] fp32   generation's log-probs (0 outside the mask)
+        old_logprobs    [b, T] fp32   the actor's log-probs before the update (training layout)
+        ref_logprobs    [b, T] fp32   the reference (SFT) model's
+        values          [b, T] fp32   critic value of the state before each token (0: no critic)
+        rewards         [b, T] fp32   -beta * KL per token, plus the RM score at the last token
+        advantages      [b, T] fp32   from the advantage estimator (whitened when configured)
+        returns         [b, T] fp32   the critic's targets
+    Per row:
+        scores          [b] fp32      reward of the whole response (RM score or reward_fn)
+    The stage outputs are None until their stage has run.
+    """
+
+    prompt_width: int
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    responses: torch.Tensor
+    mask: torch.Tensor
+    gen_logprobs: torch.Tensor
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def response_width(self) -> int:
+        return self.mask.shape[1]
+
+    def select(self, start: int, end: int) -> Experience:
+        """Rows [start, end) (views, not copies)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v[start:end] if torch.is_tensor(v) else v
+        return Experience(**out)
+
+    def micro_batches(self, size: int) -> list[dict]:
+        """Micro-batches of at most `size` rows for the forward-backward schedule: the model
+        inputs plus "experience", the rows' own `Experience`."""
+        out = []
+        for s in range(0, self.rows, size):
+            part = self.select(s, min(s + size, self.rows))
+            out.append(
+                {"input_ids": part.input_ids, "attention_mask": part.attention_mask,
+                 "experience": part}
+            )  # fmt: skip
+        return out
+
+    def response_outputs(self, out: torch.Tensor) -> torch.Tensor:
+        """The model outputs [b, T, ...] that predict the response tokens, of outputs
+        [b, P + T, ...] over the whole sequence."""
+        return out[:, self.prompt_width - 1 : self.prompt_width + self.response_width - 1]
+
+
+def collate_samples(samples: list[Sample], width: int, n: int, pad_id: int) -> Experience:
+    """The experience inputs of samples: prompts left-padded to `width`, responses right-padded
+    to `n` (the rollout batch's own widths, so every DP slice has the same shapes)."""
+    b = len(samples)
+    ids = torch.full((b, width + n), pad_id, dtype=torch.long)
+    attn = torch.zeros(b, width + n, dtype=torch.long)
+    responses = torch.full((b, n), IGNORE, dtype=torch.long)
+    gen_lp = torch.zeros(b, n, dtype=torch.float32)
+    for i, s in enumerate(samples):
+        p, r = len(s.prompt), len(s.response)
+        ids[i, width - p : width] = torch.tensor(s.prompt)
+        attn[i, width - p : width + r] = 1
+        if r:
+            ids[i, width : width + r] = torch.tensor(s.response)
+            responses[i, :r] = torch.tensor(s.response)
+            gen_lp[i, :r] = torch.tensor(s.logprobs)
+    mask = (responses != IGNORE).float()
+    return Experience(width, ids, attn, responses, mask, gen_lp)
+
+
+# ----------------------------------------------------------------------------- rewards
+
+
+class RewardModelScorer:
+    """Scores from a frozen scalar-head reward model: its output at each row's last real token."""
+
+    def __init__(self, model):
+        # A FrozenModel (placed on the compute device for its forwards).
+        self.model = model
+
+    def __call__(self, exp: Experience, samples: list[Sample], forward: Callable) -> torch.Tensor:
+        def score(out: torch.Tensor, mb: dict) -> torch.Tensor:
+            return last_token_scores(out[..., 0], mb["attention_mask"]).float()
+
+        with self.model.use() as model:
+            return forward(model, exp, score, (exp.rows,))
+
+
+class RewardFunctionScorer:
+    """Scores from a rule: reward_fn(prompts, responses) -> one float per sample (toy rewards,
+    tests)."""
+
+    def __init__(self, fn: Callable[[list[list[int]], list[list[int]]], list[float]]):
+        self.fn = fn
+
+    def __call__(self, exp: Experience, samples: list[Sample], forward: Callable) -> torch.Tensor:
+        values = self.fn([s.prompt for s in samples], [s.response for s in samples])
+        return torch.tensor(values, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- the maker
+
+
+class ExperienceMaker:
+    """Fills an `Experience` from rollout samples (see the module docstring for the stages).
+
+    Args:
+        actor: the trained actor (a DeepSpeedModel), in the training layout.
+        reference: the frozen SFT model (a FrozenModel).
+        critic: the trained critic, or None when the advantage estimator needs none.
+        scorer: a reward scorer (`RewardModelScorer` or `RewardFunctionScorer`).
+        kl_ctl: the KL coefficient controller (read, not updated, here).
+        algo: the PPO algorithm section.
+        ps: the training layout.
+        fwd_bwd: the layout's forward-backward schedule.
+        micro_batch_size: rows per forward.
+        temperature: the sampling temperature of the log-probs.
+        group_size: samples per prompt (consecutive rows).
+    """
+
+    def __init__(
+        self,
+        *,
+        actor,
+        reference,
+        critic,
+        scorer: Callable,
+        kl_ctl: KLController,
+        algo: PPOAlgoConfig,
+        ps: ParallelState,
+        fwd_bwd: Callable,
+        micro_batch_size: int,
+        temperature: float,
+        group_size: int,
+        recompute_old_logprobs: bool = True,
+    ):
+        self.actor, self.reference, self.critic, self.scorer = actor, reference, critic, scorer
+        self.kl_ctl, self.algo, self.ps, self.fwd_bwd = kl_ctl, algo, ps, fwd_bwd
+        self.micro_batch_size, self.temperature = micro_batch_size, temperature
+        self.group_size, self.recompute_old_logprobs = group_size, recompute_old_logprobs
+        self.estimator = ADVANTAGE_ESTIMATORS[algo.advantage_estimator]
+
+    @torch.no_grad()
+    def make(self, samples: list[Sample], width: int, n: int, pad_id: int, timer: StageTimer):
+        """The experience of this DP rank's `samples`, and the rollout's metrics.
+
+        Args:
+            samples: this rank's slice of the rollout batch.
+            width, n: prompt and response widths of the whole rollout batch.
+            pad_id: filler token.
+            timer: receives time_actor_forward, time_reference_forward, time_values,
+                time_reward, time_advantages.
+        """
+        exp = collate_samples(samples, width, n, pad_id)
+        with timer("time_actor_forward"):
+            exp.old_logprobs, entropy = self.compute_old_log_prob(exp)
+        with timer("time_reference_forward"):
+            exp.ref_logprobs = self.compute_ref_log_prob(exp)
+        with timer("time_values"):
+            exp.values = self.compute_values(exp)
+        with timer("time_reward"):
+            exp.scores = self.compute_scores(exp, samples)
+        with timer("time_advantages"):
+            exp.rewards, kl, non_score = self.compute_rewards(exp)
+            exp.advantages, exp.returns = self.compute_advantages(exp)
+        return exp, self.rollout_stats(exp, kl, non_score, entropy)
+
+    # -- the stages -------------------------------------------------------------------------
+
+    def compute_old_log_prob(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
+        """The actor's log-probs and entropies [b, T] of the sampled tokens, before the update
+        (or generation's, with ppo.recompute_old_logprobs=false: entropy is then the one-sample
+        estimate -log p)."""
+        if not self.recompute_old_logprobs:
+            return exp.gen_logprobs, -exp.gen_logprobs
+        self.actor.train(False)
+        both = self._forward(
+            self.actor,
+            exp,
+            lambda out, mb: torch.stack(self._logprobs(out, mb, entropy=True), -1),
+            (exp.rows, exp.response_width, 2),
+        )
+        self.actor.train(True)
+        return both[..., 0], both[..., 1]
+
+    def compute_ref_log_prob(self, exp: Experience) -> torch.Tensor:
+        """The reference model's log-probs [b, T] of the sampled tokens."""
+        with self.reference.use() as reference:
+            shape = (exp.rows, exp.response_width)
+            return self._forward(reference, exp, self._logprobs, shape)
+
+    def compute_values(self, exp: Experience) -> torch.Tensor:
+        """Critic values [b, T] of the state before each response token (zeros without one)."""
+        if self.critic is None:
+            return torch.zeros(exp.rows, exp.response_width)
+        self.critic.train(False)
+        values = self._forward(self.critic, exp, values_of, (exp.rows, exp.response_width))
+        self.critic.train(True)
+        return values
+
+    def compute_scores(self, exp: Experience, samples: list[Sample]) -> torch.Tensor:
+        """Reward [b] of each whole response."""
+        return self.scorer(exp, samples, self._forward)
+
+    def compute_rewards(self, exp: Experience):
+        """Per-token rewards [b, T] (and the KL [b, T] and -beta * KL behind them). RM scores are
+        whitened over the whole rollout batch first with ppo.whiten_rewards."""
+        a = self.algo
+        scores = dp_whiten(exp.scores, None, self.ps) if a.whiten_rewards else exp.scores
+        return token_rewards(
+            scores,
+            exp.old_logprobs,
+            exp.ref_logprobs,
+            exp.mask,
+            self.kl_ctl.beta,
+            a.kl_estimator,
+            a.score_clip,
+        )
+
+    def compute_advantages(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advantages and returns [b, T] by ppo.advantage_estimator; advantages whitened over
+        the whole rollout batch with ppo.whiten_advantages."""
+        est, a = self.estimator, self.algo
+        inputs = (exp.rewards, exp.values, exp.mask)
+        if est.whole_groups:  # a prompt's samples may sit on two DP ranks
+            inputs = tuple(dp_gather_rows(t, self.ps) for t in inputs)
+        adv, ret = est.fn(*inputs, gamma=a.gamma, lam=a.lam, group_size=self.group_size)
+        if est.whole_groups:
+            adv, ret = my_rows(adv, self.ps), my_rows(ret, self.ps)
+        if a.whiten_advantages:
+            adv = dp_whiten(adv, exp.mask, self.ps)
+        return adv, ret
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def rollout_stats(self, exp: Experience, kl, non_score, entropy) -> dict:
+        """Metrics of the whole rollout batch (every DP rank's rows)."""
+        mask, r = exp.mask, exp.scores.double()
+        err = (exp.returns - exp.values) * mask
+        sums = dp_named_sums(
+            {
+                "r": float(r.sum()), "r2": float((r * r).sum()), "rows": float(r.numel()),
+                "kl": float(kl.sum()), "non_score": float(non_score.sum()),
+                "entropy": float((entropy * mask).sum()), "tokens": float(mask.sum()),
+                "ret": float((exp.returns * mask).sum()),
+                "ret2": float((exp.returns * exp.returns * mask).sum()),
+                "err": float(err.sum()), "err2": float((err * err).sum()),
+            },
+            self.ps,
+        )  # fmt: skip
+        rows, toks = sums["rows"], max(sums["tokens"], 1)
+        mean = sums["r"] / rows
+        var_ret = sums["ret2"] / toks - (sums["ret"] / toks) ** 2
+        var_err = sums["err2"] / toks - (sums["err"] / toks) ** 2
+        gap = ((exp.gen_logprobs - exp.old_logprobs).abs() * mask).max() if mask.any() else 0.0
+        explained = 1.0 - var_err / max(var_ret, 1e-12) if self.critic is not None else 0.0
+        return {
+            "reward_mean": mean,
+            "reward_std": math.sqrt(max(sums["r2"] / rows - mean * mean, 0.0)),
+            "kl": sums["kl"] / rows,
+            "non_score_reward": sums["non_score"] / rows,
+            "entropy": sums["entropy"] / toks,
+            "explained_variance": explained,
+            "response_length": sums["tokens"] / rows,
+            "response_tokens": sums["tokens"],
+            "logprob_mismatch": world_max(float(gap), self.ps),
+        }
+
+    def _forward(self, model, exp: Experience, fn, shape) -> torch.Tensor:
+        """Forward-only pass over `exp`'s micro-batches; fn(out, mb) -> [mb rows, ...]; the
+        concatenation on every stage."""
+        stats = self.fwd_bwd(
+            model=model,
+            micro_batches=exp.micro_batches(self.micro_batch_size),
+            loss_fn=lambda out, mb: (None, {"x": fn(out, mb)}),
+            ps=self.ps,
+            forward_only=True,
+        )
+        t = torch.cat([s["x"] for s in stats]) if stats else None
+        return from_last_stage(t, shape, self.ps)
+
+    def _logprobs(self, out: torch.Tensor, mb: dict, entropy: bool = False):
+        return response_logprobs(out, mb["experience"], self.ps, self.temperature, entropy)
+
+
+def response_logprobs(out, exp: Experience, ps: ParallelState, temperature: float, entropy=False):
+    """Log-probs [b, T] (and entropies, with `entropy`) of `exp`'s response tokens under logits
+    `out` [b, P + T, V / tp] of the whole sequences."""
+    return logprobs_from_logits(
+        exp.response_outputs(out),
+        exp.responses,
+        tp_group=ps.tp_group,
+        temperature=temperature,
+        return_entropy=entropy,
+        ignore_index=IGNORE,
+    )
+
+
+def values_of(out: torch.Tensor, mb: dict) -> torch.Tensor:
+    """Critic value of the state before each response token, fp32 [b, T], 0 outside the mask."""
+    exp = mb["experience"]
+    return exp.response_outputs(out)[..., 0].float() * exp.mask
