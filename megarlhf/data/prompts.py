@@ -10,11 +10,11 @@ way.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from megarlhf.data.sampler import ResumableSampler
 from megarlhf.data.sft import DataError
 from megarlhf.data.tokenizer import Tokenizer
 
@@ -77,38 +77,23 @@ def load_ptx_rows(files: list[str], tokenizer: Tokenizer, seq_len: int) -> torch
     return torch.tensor(ids[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
 
 
-@dataclass
-class EpochSampler:
-    """The same global batches on every rank: seeded permutation per epoch, position `consumed`."""
+def global_batch_sampler(num_items: int, batch: int, seed: int, what: str) -> ResumableSampler:
+    """The same `batch` items per step on every rank, a fresh seeded order each epoch.
 
-    n: int
-    batch: int
-    seed: int
-    consumed: int = 0
-
-    def next_batch(self) -> list[int]:
-        out = []
-        while len(out) < self.batch:
-            epoch, pos = divmod(self.consumed, self.n)
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            order = torch.randperm(self.n, generator=g)
-            take = min(self.batch - len(out), self.n - pos)
-            out += order[pos : pos + take].tolist()
-            self.consumed += take
-        return out
-
-    def state_dict(self) -> dict:
-        return {"consumed": self.consumed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.consumed = int(state["consumed"])
+    Args:
+        num_items: prompts (or PTX rows) to draw from.
+        batch: items per step over all ranks.
+        seed: seed of the per-epoch order.
+        what: the config key of the batch size, for the error message.
+    """
+    if num_items < batch:
+        raise DataError(
+            what, "short", f"{batch} per step but only {num_items} to draw from (lower {what})"
+        )
+    return ResumableSampler(num_items, batch, 1, dp_rank=0, dp_size=1, seed=seed)
 
 
-def global_batch_sampler(num_items: int, batch: int, seed: int, what: str) -> EpochSampler:
-    """The same `batch` items per step on every rank, a fresh seeded order each epoch."""
-    return EpochSampler(num_items, batch, seed)
-
-
-def next_global_batch(sampler: EpochSampler) -> list[int]:
+def next_global_batch(sampler: ResumableSampler) -> list[int]:
     """The next step's item indices (the whole global batch)."""
-    return sampler.next_batch()
+    (batch,) = sampler.next_step()
+    return batch
