@@ -32,20 +32,19 @@ class TextFormatConfig:
 
 
 @dataclass
-class DataConfig:
-    """SFT data: files, tokenizer, formatting, row length, packing, bad-input policy, seed."""
+class DatasetConfig:
+    """What SFT and RM data share: files, formatting, length, bad-input policy, seed."""
 
-    # JSONL files of {"prompt", "response"} or {"messages": [{"role", "content"}, ...]} rows.
-    train_files: list[str] = field(default_factory=lambda: ["data/sft_tiny.jsonl"])
-    # Tokenizer and formatting.
+    # JSONL files of the stage's rows (see the subclasses).
+    train_files: list[str] = field(default_factory=list)
+    # Tokenizer and formatting of prompt + response.
     text: TextFormatConfig = inline(TextFormatConfig)
-    # Tokens per training row; a longer sample is invalid. At most model.max_seq_len.
+    # Longest sample in tokens (SFT: a training row; RM: prompt + response, EOS included); a
+    # longer one is invalid. At most model.max_seq_len.
     seq_len: int = 256
-    # Pack several samples into each row (greedy first-fit); false: one padded sample per row.
-    pack: bool = True
     # Skip invalid rows, logging a count per reason, instead of failing on the first one.
     skip_invalid: bool = False
-    # Seed of the packing shuffle and of every epoch's row order.
+    # Seed of every epoch's order (and of SFT's packing shuffle).
     seed: int = 1234
 
     def __post_init__(self) -> None:
@@ -55,27 +54,27 @@ class DataConfig:
 
 
 @dataclass
-class RMDataConfig:
-    """Ranking data: files, tokenizer, formatting, length, K limit, bad-input policy, seed."""
+class DataConfig(DatasetConfig):
+    """SFT data: {"prompt", "response"} or {"messages": [{"role", "content"}, ...]} rows, packed
+    into rows of seq_len tokens."""
 
-    # JSONL files of {"prompt", "responses", "ranking"} or {"prompt", "chosen", "rejected"} rows.
+    train_files: list[str] = field(default_factory=lambda: ["data/sft_tiny.jsonl"])
+    # Pack several samples into each row (greedy first-fit); false: one padded sample per row.
+    pack: bool = True
+
+
+@dataclass
+class RMDataConfig(DatasetConfig):
+    """Ranking data: {"prompt", "responses", "ranking"} or {"prompt", "chosen", "rejected"}
+    rows."""
+
     train_files: list[str] = field(default_factory=lambda: ["data/rm_tiny.jsonl"])
-    # Tokenizer and formatting of prompt + response.
-    text: TextFormatConfig = inline(TextFormatConfig)
-    # Longest prompt + response (tokens, EOS included); a longer completion is invalid.
-    seq_len: int = 256
     # Most responses per prompt (K); a row with more is invalid.
     max_k: int = MAX_K
-    # Skip invalid rows, logging a count per reason, instead of failing on the first one.
-    skip_invalid: bool = False
-    # Seed of every epoch's prompt order.
-    seed: int = 1234
 
     def __post_init__(self) -> None:
-        _check_files(self.train_files, "train_files")
-        check(self.seq_len >= 2, "seq_len", f"must be >= 2, got {self.seq_len}")
+        super().__post_init__()
         check(2 <= self.max_k <= 64, "max_k", f"must be in [2, 64], got {self.max_k}")
-        check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The training loop's configuration, shared by SFT, RM and PPO: steps, seed, schedule, timeout
 (`LoopConfig`, inline in `sft:`, `rm:` and `ppo:`), passes over a fixed dataset (`PassesConfig`,
-SFT and RM), and the `checkpoint:` and `logging:` sections every run config has."""
+SFT and RM), the `checkpoint:` and `logging:` sections, and `RunSections`, the sections every run
+config has."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from megarlhf.config.loader import check
+from megarlhf.config.model import ModelConfig, ParallelConfig
+from megarlhf.config.optim import DeepSpeedConfig, OptimConfig
 
 
 @dataclass
@@ -118,3 +121,21 @@ class LoggingConfig:
 
     def __post_init__(self) -> None:
         check(self.log_every >= 0, "log_every", "must be >= 0")
+
+
+@dataclass
+class RunSections:
+    """The sections every run config has (a stage's run config adds its data and its loop)."""
+
+    # Shape and family of the model (the actor's, for PPO).
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # Tensor- and pipeline-parallel sizes; data parallelism takes the remaining ranks.
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # Optimizer and learning-rate schedule (the actor's, for PPO).
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # ZeRO stage and DeepSpeed communication settings (every trained model of the run).
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    # Checkpointing, resume, and checkpoint.init_from.
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Metrics, TensorBoard, progress bar.
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -19,9 +19,9 @@ from megarlhf.algos.ppo import LOSS_AGGREGATIONS, POLICY_LOSSES
 from megarlhf.config.data import PPODataConfig
 from megarlhf.config.generation import GenerationConfig
 from megarlhf.config.loader import check, check_choice, inline
-from megarlhf.config.loop import CheckpointConfig, LoggingConfig, LoopConfig
-from megarlhf.config.model import ModelConfig, ParallelConfig
-from megarlhf.config.optim import DeepSpeedConfig, OptimConfig, check_supported
+from megarlhf.config.loop import LoopConfig, RunSections
+from megarlhf.config.model import ModelConfig
+from megarlhf.config.optim import OptimConfig, check_supported
 from megarlhf.kernels.kl import KL_ESTIMATORS
 
 
@@ -149,29 +149,21 @@ class PPOConfig:
 
 
 @dataclass
-class PPORunConfig:
-    """Everything `tools/train_ppo.py` needs: one YAML file plus dotted overrides."""
+class PPORunConfig(RunSections):
+    """Everything `tools/train_ppo.py` needs: one YAML file plus dotted overrides. `model` is the
+    actor's shape (head "lm"; the critic and RM share its trunk), `optim` the actor's optimizer,
+    `checkpoint.init_from` the SFT checkpoint; ZeRO-3 needs parallel.pp=1."""
 
-    # Shape of the actor / reference (head "lm"); the critic and RM share its trunk.
-    model: ModelConfig = field(default_factory=ModelConfig)
-    # Training layout (tensor- and pipeline-parallel sizes; DP takes the remaining ranks).
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # Actor optimizer and schedule.
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
     # Prompts, PTX corpus, tokenizer.
     data: PPODataConfig = field(default_factory=PPODataConfig)
     # Sampling of rollouts (its temperature is also the one PPO's log-probs use).
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    # Actor optimizer and schedule.
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
     # Critic optimizer and schedule.
     critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
-    # ZeRO stage and DeepSpeed settings, for both trained models (ZeRO-3 needs parallel.pp=1).
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     # The PPO loop.
     ppo: PPOConfig = field(default_factory=PPOConfig)
-    # Final checkpoint and checkpoint.init_from (the SFT checkpoint).
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    # Metrics, TensorBoard, progress bar.
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
         check(

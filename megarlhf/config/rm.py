@@ -11,15 +11,8 @@ from dataclasses import dataclass, field
 
 from megarlhf.config.data import RMDataConfig
 from megarlhf.config.loader import check, inline
-from megarlhf.config.loop import (
-    CheckpointConfig,
-    LoggingConfig,
-    LoopConfig,
-    PassesConfig,
-    resolve_batch,
-)
-from megarlhf.config.model import ModelConfig, ParallelConfig
-from megarlhf.config.optim import DeepSpeedConfig, OptimConfig
+from megarlhf.config.loop import LoopConfig, PassesConfig, RunSections, resolve_batch
+from megarlhf.config.model import ModelConfig
 from megarlhf.config.sft import check_run_sections
 
 
@@ -45,25 +38,15 @@ class RMConfig:
 
 
 @dataclass
-class RMRunConfig:
+class RMRunConfig(RunSections):
     """Everything `tools/train_rm.py` needs: one YAML file plus dotted overrides."""
 
     # Shape and family of the model; model.head must be "scalar".
     model: ModelConfig = field(default_factory=lambda: ModelConfig(head="scalar"))
-    # Tensor- and pipeline-parallel sizes; data parallelism takes the remaining ranks.
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # Ranking data and tokenizer.
     data: RMDataConfig = field(default_factory=RMDataConfig)
-    # Optimizer and learning-rate schedule.
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    # ZeRO stage and DeepSpeed communication settings.
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     # The reward-model loop itself.
     rm: RMConfig = field(default_factory=RMConfig)
-    # Checkpointing, resume, and checkpoint.init_from (an SFT or converted HF checkpoint).
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    # Metrics, TensorBoard, progress bar.
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
         check(

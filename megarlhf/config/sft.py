@@ -7,15 +7,8 @@ from dataclasses import dataclass, field
 
 from megarlhf.config.data import DataConfig
 from megarlhf.config.loader import check, inline
-from megarlhf.config.loop import (
-    CheckpointConfig,
-    LoggingConfig,
-    LoopConfig,
-    PassesConfig,
-    resolve_batch,
-)
-from megarlhf.config.model import ModelConfig, ParallelConfig
-from megarlhf.config.optim import DeepSpeedConfig, OptimConfig, check_supported
+from megarlhf.config.loop import LoopConfig, PassesConfig, RunSections, resolve_batch
+from megarlhf.config.optim import check_supported
 
 
 @dataclass
@@ -39,25 +32,13 @@ def check_run_sections(cfg) -> None:
 
 
 @dataclass
-class SFTRunConfig:
+class SFTRunConfig(RunSections):
     """Everything `tools/train_sft.py` needs: one YAML file plus dotted overrides."""
 
-    # Shape and family of the model.
-    model: ModelConfig = field(default_factory=ModelConfig)
-    # Tensor- and pipeline-parallel sizes; data parallelism takes the remaining ranks.
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # Training data, tokenizer and packing.
     data: DataConfig = field(default_factory=DataConfig)
-    # Optimizer and learning-rate schedule.
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    # ZeRO stage and DeepSpeed communication settings.
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     # The SFT loop itself.
     sft: SFTConfig = field(default_factory=SFTConfig)
-    # Checkpointing and resume.
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    # Metrics, TensorBoard, progress bar.
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
         check_run_sections(self)

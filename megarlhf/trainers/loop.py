@@ -291,6 +291,19 @@ class SingleModelTrainer(TrainLoop):
     def optimizer_step(self, micro_batches: list[dict]) -> dict:
         raise NotImplementedError
 
+    def accumulate_and_step(self, micro_batches: list[dict], loss_fn) -> tuple[list[dict], dict]:
+        """Forward-backward over this rank's micro-batches, then one optimizer step; returns
+        the schedule's stats and the step's {"grad_norm", "lr"}."""
+        self.model.begin_step(len(micro_batches))
+        stats = self.fwd_bwd(
+            model=self.model,
+            micro_batches=micro_batches,
+            loss_fn=loss_fn,
+            ps=self.ps,
+            backward_fn=self.model.backward,
+        )
+        return stats, self.model.step()
+
     def eval_due(self, step: int, final: bool) -> bool:
         every = self.passes.eval_every
         return bool(self.passes.eval_files) and (final or (every and step % every == 0))

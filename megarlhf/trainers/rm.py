@@ -192,15 +192,7 @@ class RMTrainer(SingleModelTrainer):
             ],
             ps,
         )
-        self.model.begin_step(len(micro_batches))
-        stats = self.fwd_bwd(
-            model=self.model,
-            micro_batches=micro_batches,
-            loss_fn=make_rm_loss_fn(prompts),
-            ps=ps,
-            backward_fn=self.model.backward,
-        )
-        out = self.model.step()
+        stats, out = self.accumulate_and_step(micro_batches, make_rm_loss_fn(prompts))
         rec = summarize(sum_over_replicas(_totals(stats), ps))
         return {**rec, "lr": out["lr"], "grad_norm": out["grad_norm"], "tokens": int(tokens)}
 

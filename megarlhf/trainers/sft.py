@@ -124,15 +124,7 @@ class SFTTrainer(SingleModelTrainer):
             )
         )
         loss_fn = make_sft_loss_fn(float(max(loss_tokens, 1)), ps.tp_group)
-        self.model.begin_step(len(micro_batches))
-        stats = self.fwd_bwd(
-            model=self.model,
-            micro_batches=micro_batches,
-            loss_fn=loss_fn,
-            ps=ps,
-            backward_fn=self.model.backward,
-        )
-        out = self.model.step()
+        stats, out = self.accumulate_and_step(micro_batches, loss_fn)
         (loss_sum,) = sum_over_replicas([sum(float(s["loss_sum"]) for s in stats)], ps)
         return {
             "loss": loss_sum / max(loss_tokens, 1),
