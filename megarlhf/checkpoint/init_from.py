@@ -30,6 +30,7 @@ NON_SHAPE_FIELDS = frozenset(
         "hidden_dropout",
         "attention_dropout",
         "use_flash_attn",
+        "attention",
         "init_std",
     }
 )

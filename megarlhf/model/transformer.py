@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megarlhf.config import ModelConfig
+from megarlhf.model.attention import attention
 from megarlhf.model.rotary import apply_rotary
 from megarlhf.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megarlhf.parallel.sharding import ShardSpec
@@ -25,8 +26,8 @@ def _importable(name: str) -> bool:
         return False
 
 
-# Optional accelerators, used only on CUDA tensors; CPU always takes the torch path.
-HAVE_FLASH_ATTN = _importable("flash_attn")
+# Optional accelerators, used only on CUDA tensors; CPU always takes the torch path (flash-attn's
+# probe lives with the attention implementations in attention.py).
 HAVE_APEX_NORM = _importable("apex") and _importable("apex.normalization.fused_layer_norm")
 
 
@@ -71,8 +72,8 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 class ParallelAttention(nn.Module):
-    """Self-attention over this rank's heads: fused QKV (column-parallel), RoPE (llama), SDPA or
-    flash-attn, output projection (row-parallel)."""
+    """Self-attention over this rank's heads: fused QKV (column-parallel), RoPE (llama), the
+    attention kernel of `model.attention` (attention.py), output projection (row-parallel)."""
 
     def __init__(self, cfg: ModelConfig, qkv_spec: ShardSpec, tp_rank: int, group):
         super().__init__()
@@ -98,34 +99,8 @@ class ParallelAttention(nn.Module):
         p = self.cfg.attention_dropout if self.training else 0.0
         # Attention probabilities are sharded by head: dropout must differ per TP rank.
         with rng.fork() if p > 0 else contextlib.nullcontext():
-            out = _attention(q, k, v, mask, p, self.cfg.use_flash_attn)
+            out = attention(q, k, v, mask, p, self.cfg.attention, self.cfg.use_flash_attn)
         return self.proj(out.transpose(1, 2).reshape(b, s, nq * hd))
-
-
-def _attention(q, k, v, mask, dropout_p, allow_flash):
-    """Scaled dot-product attention; q [b, hq, s, d], k/v [b, hkv, t, d] (GQA when hkv < hq)."""
-    if (
-        allow_flash
-        and HAVE_FLASH_ATTN
-        and q.is_cuda
-        and mask is None
-        and q.dtype in (torch.float16, torch.bfloat16)
-    ):
-        from flash_attn import flash_attn_func
-
-        out = flash_attn_func(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, causal=True
-        )
-        return out.transpose(1, 2)
-    return F.scaled_dot_product_attention(
-        q,
-        k,
-        v,
-        attn_mask=mask,
-        dropout_p=dropout_p,
-        is_causal=mask is None and q.shape[2] > 1,
-        enable_gqa=q.shape[1] != k.shape[1],
-    )
 
 
 class ParallelMLP(nn.Module):

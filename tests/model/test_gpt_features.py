@@ -47,9 +47,12 @@ def test_padded_vocab_columns_have_zero_probability():
 
 
 def test_attention_falls_back_to_sdpa_without_flash_attn():
+    from megarlhf.model import attention as attn
+
     q = torch.randn(2, 4, 6, 8)
     k = v = torch.randn(2, 2, 6, 8)
-    out = transformer._attention(q, k, v, None, 0.0, allow_flash=True)
+    assert attn.choose("flash", q, None, allow_flash=True) == "sdpa"  # CPU: no flash-attn
+    out = attn.attention(q, k, v, None, 0.0, impl="flash")
     kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
     scores = (q @ kk.transpose(-1, -2)) / 8**0.5
     scores = scores.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
