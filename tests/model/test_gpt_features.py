@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from megarlhf.model import transformer
 from megarlhf.model.gpt import padded_vocab_size
 from tests.model.common import reference_model, rel_err, tiny_config
 
