@@ -8,6 +8,7 @@ Each function does its local work with the pure functions of `stats.py` and one 
   dp_gather_rows    the [B, ...] rows of every DP rank, concatenated in DP order (group baselines
                     need every sample of a prompt; a prompt's samples may sit on two ranks)
   dp_named_sums     {name: float} summed over DP (metrics of the batch, by name)
+  dp_max            the largest of one integer over DP (e.g. micro-batch counts to agree on)
 
 Rows are equal in number on every DP rank (the trainer cuts the rollout batch evenly).
 """
@@ -64,3 +65,12 @@ def dp_named_sums(values: dict[str, float], ps: ParallelState) -> dict[str, floa
     """Each value summed over the DP group (values every rank of a replica holds alike)."""
     names = list(values)
     return dict(zip(names, sum_over_dp([values[k] for k in names], ps), strict=True))
+
+
+def dp_max(n: int, ps: ParallelState) -> int:
+    """The largest `n` over the DP group."""
+    if ps.dp_group is None:
+        return n
+    t = torch.tensor([n], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ps.dp_group)
+    return int(t)

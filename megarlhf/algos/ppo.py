@@ -3,9 +3,10 @@
 Shapes: every per-token tensor is `[batch, T]` over response positions, with `mask` 1 for response
 tokens (0 after EOS and for padding). Functions are pure: inputs are never mutated.
 
-Losses come per token and are reduced by `aggregate(per_token, mask, mode, normalizer)`, with the
-normalizer computed once for the whole optimizer step (over every micro-batch and every
-data-parallel rank) by `loss_normalizer`. So a micro-batch's loss is already its share of the
+Losses come per token and are reduced by `aggregate(per_token, weights, normalizer)`, with the
+per-token weights of the aggregation mode (`token_weights`) and the normalizer computed once for
+the whole optimizer step (over every micro-batch and every data-parallel rank) by
+`loss_normalizer`. So a micro-batch's loss is already its share of the
 step's loss, gradients summed over micro-batches and ranks are the gradients of that loss at any
 layout, and no caller rescales a mean.
 """
@@ -92,20 +93,24 @@ def loss_normalizer(masks: list[torch.Tensor], mode: str, sum_over_dp: Callable)
     return max(total, 1.0)
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: float):
-    """This micro-batch's share of the step's loss: a scalar from per-token losses [b, T].
+def token_weights(mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Per-token weights [b, T] of `aggregate` for a `LOSS_AGGREGATIONS` mode.
 
-    token-mean, seq-mean-token-sum, seq-mean-token-sum-norm: sum(per_token * mask) / normalizer
-    (tokens, sequences, or sequences * T); seq-mean-token-mean: the sum over rows of each row's
-    token mean, / normalizer (sequences).
+    token-mean, seq-mean-token-sum, seq-mean-token-sum-norm: the mask (the normalizer makes the
+    difference); seq-mean-token-mean: mask / the row's token count (each response weighs 1).
     """
-    masked = per_token * mask
+    mask = mask.float()
     if mode == "seq-mean-token-mean":
-        rows = masked.sum(-1) / mask.sum(-1).clamp_min(1)
-        return rows.sum() / normalizer
+        return mask / mask.sum(-1, keepdim=True).clamp_min(1)
     if mode not in LOSS_AGGREGATIONS:
         raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {LOSS_AGGREGATIONS}")
-    return masked.sum() / normalizer
+    return mask
+
+
+def aggregate(per_token: torch.Tensor, weights: torch.Tensor, normalizer: float) -> torch.Tensor:
+    """This micro-batch's share of the step's loss: sum(per_token * weights) / normalizer, any
+    layout of the same shape (padded [b, T] or packed [r, width]) giving the same sum."""
+    return (per_token * weights).sum() / normalizer
 
 
 # ----------------------------------------------------------------------------- losses

@@ -50,9 +50,16 @@ class RolloutConfig:
     # Keep the frozen reference and reward model in CPU memory between uses (moved to the
     # compute device only for their forwards).
     offload_frozen: bool = False
+    # Pack several sequences per row for the experience forwards and the updates (no compute on
+    # padding; positions and attention per sequence); false: one sequence per padded row.
+    pack_sequences: bool = True
+    # Tokens (rows x row width) per forward / backward; 0: ppo.micro_batch_size rows of the
+    # longest sequence, the padded layout's size.
+    max_tokens_per_micro_batch: int = 0
 
     def __post_init__(self) -> None:
         check(self.rollout_batch_size >= 1, "rollout_batch_size", "must be >= 1")
+        check(self.max_tokens_per_micro_batch >= 0, "max_tokens_per_micro_batch", "must be >= 0")
         check(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
         check(self.generation_tp >= 0, "generation_tp", "must be >= 0 (0: tp * pp)")
 

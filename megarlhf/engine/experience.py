@@ -16,23 +16,21 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from megarlhf.algos.advantages import ADVANTAGE_ESTIMATORS
-from megarlhf.algos.dp_stats import dp_gather_rows, dp_named_sums, dp_whiten, my_rows
+from megarlhf.algos.dp_stats import dp_gather_rows, dp_max, dp_named_sums, dp_whiten, my_rows
 from megarlhf.algos.kl_controller import KLController
 from megarlhf.algos.ppo import token_rewards
-from megarlhf.algos.ranking import last_token_scores
 from megarlhf.config.ppo import PPOAlgoConfig
 from megarlhf.engine.hybrid import Sample
+from megarlhf.engine.packing import IGNORE, PackedLayout, build_layout, row_groups
 from megarlhf.kernels import logprobs_from_logits
 from megarlhf.parallel.scalars import from_last_stage, world_max
 from megarlhf.parallel.state import ParallelState
 from megarlhf.utils.timing import StageTimer
-
-IGNORE = -100
 
 
 @dataclass
@@ -75,6 +73,8 @@ class Experience:
     rewards: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    # Packed layouts of these rows, by (pack, pad_id) (see `layout`).
+    layouts: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def rows(self) -> int:
@@ -85,29 +85,28 @@ class Experience:
         return self.mask.shape[1]
 
     def select(self, start: int, end: int) -> Experience:
-        """Rows [start, end) (views, not copies)."""
+        """Rows [start, end) (views, not copies; layouts are rebuilt for them)."""
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            out[f.name] = v[start:end] if torch.is_tensor(v) else v
+            if f.name != "layouts":
+                out[f.name] = v[start:end] if torch.is_tensor(v) else v
         return Experience(**out)
 
-    def micro_batches(self, size: int) -> list[dict]:
-        """Micro-batches of at most `size` rows for the forward-backward schedule: the model
-        inputs plus "experience", the rows' own `Experience`."""
-        out = []
-        for s in range(0, self.rows, size):
-            part = self.select(s, min(s + size, self.rows))
-            out.append(
-                {"input_ids": part.input_ids, "attention_mask": part.attention_mask,
-                 "experience": part}
-            )  # fmt: skip
-        return out
+    def sequences(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each row's prompt and response token ids, unpadded."""
+        p, valid = self.prompt_width, self.attention_mask.bool()
+        prompts = [self.input_ids[i, :p][valid[i, :p]] for i in range(self.rows)]
+        resp = [self.responses[i][self.mask[i].bool()] for i in range(self.rows)]
+        return prompts, resp
 
-    def response_outputs(self, out: torch.Tensor) -> torch.Tensor:
-        """The model outputs [b, T, ...] that predict the response tokens, of outputs
-        [b, P + T, ...] over the whole sequence."""
-        return out[:, self.prompt_width - 1 : self.prompt_width + self.response_width - 1]
+    def layout(self, pack: bool, pad_id: int = 0) -> PackedLayout:
+        """These rows in packed rows (pack) or one per row; built once per setting."""
+        key = (pack, pad_id)
+        if key not in self.layouts:
+            prompts, resp = self.sequences()
+            self.layouts[key] = build_layout(prompts, resp, self.response_width, pad_id, pack)
+        return self.layouts[key]
 
 
 def collate_samples(samples: list[Sample], width: int, n: int, pad_id: int) -> Experience:
@@ -130,6 +129,58 @@ def collate_samples(samples: list[Sample], width: int, n: int, pad_id: int) -> E
     return Experience(width, ids, attn, responses, mask, gen_lp)
 
 
+# ----------------------------------------------------------------------------- micro-batches
+
+
+@dataclass(frozen=True)
+class MicroBatching:
+    """How experience rows become the micro-batches of a forward or an optimizer step."""
+
+    # Several sequences per row (first-fit decreasing); False: one sequence per row.
+    pack: bool = True
+    # Tokens (rows x row width) per micro-batch, at least one row; 0: `rows` rows.
+    max_tokens: int = 0
+    # Rows per micro-batch when max_tokens is 0.
+    rows: int = 4
+    # Filler token of the padding positions.
+    pad_id: int = 0
+
+    def budget(self, width: int) -> int:
+        """Tokens per micro-batch for rows of `width`."""
+        return self.max_tokens or self.rows * width
+
+
+def micro_batches(
+    exp: Experience, how: MicroBatching, ps: ParallelState, per_token: dict | None = None
+) -> list[dict]:
+    """The schedule's micro-batches of `exp`: model inputs of whole packed rows, plus "packed"
+    ({"labels", and every `per_token` [b, T] tensor laid out [r, width]}), "rows" (the range of
+    layout rows) and "filler" (True for the padding micro-batches that equalize the count over
+    DP: one row of padding, labels ignored, per-token tensors 0)."""
+    layout = exp.layout(how.pack, how.pad_id)
+    groups = row_groups(layout.rows, layout.width, how.budget(layout.width))
+    count = dp_max(len(groups), ps)
+    packed = {"labels": layout.labels}
+    packed.update({k: layout.to_packed(v, exp.mask) for k, v in (per_token or {}).items()})
+    out = []
+    for g in groups + [None] * (count - len(groups)):
+        rows = slice(g.start, g.stop) if g is not None else slice(0, 1)
+        mb = {
+            "input_ids": layout.input_ids[rows],
+            "position_ids": layout.position_ids[rows],
+            "packed": {k: v[rows] for k, v in packed.items()},
+            "rows": g,
+            "filler": g is None,
+        }
+        if not layout.one_per_row:
+            mb["segment_ids"] = layout.segment_ids[rows]
+        if g is None:  # nothing to learn from, nothing to report
+            mb["packed"] = {k: torch.zeros_like(v) for k, v in mb["packed"].items()}
+            mb["packed"]["labels"] = torch.full_like(mb["packed"]["labels"], IGNORE)
+        out.append(mb)
+    return out
+
+
 # ----------------------------------------------------------------------------- rewards
 
 
@@ -140,12 +191,10 @@ class RewardModelScorer:
         # A FrozenModel (placed on the compute device for its forwards).
         self.model = model
 
-    def __call__(self, exp: Experience, samples: list[Sample], forward: Callable) -> torch.Tensor:
-        def score(out: torch.Tensor, mb: dict) -> torch.Tensor:
-            return last_token_scores(out[..., 0], mb["attention_mask"]).float()
-
+    def __call__(self, exp: Experience, samples: list[Sample], maker) -> torch.Tensor:
         with self.model.use() as model:
-            return forward(model, exp, score, (exp.rows,))
+            scores = maker._forward(model, exp, scalar_output)
+        return maker._layout(exp).at_last_token(scores)
 
 
 class RewardFunctionScorer:
@@ -155,7 +204,7 @@ class RewardFunctionScorer:
     def __init__(self, fn: Callable[[list[list[int]], list[list[int]]], list[float]]):
         self.fn = fn
 
-    def __call__(self, exp: Experience, samples: list[Sample], forward: Callable) -> torch.Tensor:
+    def __call__(self, exp: Experience, samples: list[Sample], maker) -> torch.Tensor:
         values = self.fn([s.prompt for s in samples], [s.response for s in samples])
         return torch.tensor(values, dtype=torch.float32)
 
@@ -175,7 +224,7 @@ class ExperienceMaker:
         algo: the PPO algorithm section.
         ps: the training layout.
         fwd_bwd: the layout's forward-backward schedule.
-        micro_batch_size: rows per forward.
+        batching: how rows become micro-batches (packing, token budget).
         temperature: the sampling temperature of the log-probs.
         group_size: samples per prompt (consecutive rows).
     """
@@ -191,14 +240,14 @@ class ExperienceMaker:
         algo: PPOAlgoConfig,
         ps: ParallelState,
         fwd_bwd: Callable,
-        micro_batch_size: int,
+        batching: MicroBatching,
         temperature: float,
         group_size: int,
         recompute_old_logprobs: bool = True,
     ):
         self.actor, self.reference, self.critic, self.scorer = actor, reference, critic, scorer
         self.kl_ctl, self.algo, self.ps, self.fwd_bwd = kl_ctl, algo, ps, fwd_bwd
-        self.micro_batch_size, self.temperature = micro_batch_size, temperature
+        self.batching, self.temperature = batching, temperature
         self.group_size, self.recompute_old_logprobs = group_size, recompute_old_logprobs
         self.estimator = ADVANTAGE_ESTIMATORS[algo.advantage_estimator]
 
@@ -237,32 +286,30 @@ class ExperienceMaker:
             return exp.gen_logprobs, -exp.gen_logprobs
         self.actor.train(False)
         both = self._forward(
-            self.actor,
-            exp,
-            lambda out, mb: torch.stack(self._logprobs(out, mb, entropy=True), -1),
-            (exp.rows, exp.response_width, 2),
+            self.actor, exp, lambda out, mb: torch.stack(self._logprobs(out, mb, True), -1), (2,)
         )
         self.actor.train(True)
+        both = self._layout(exp).from_packed(both, exp.mask)
         return both[..., 0], both[..., 1]
 
     def compute_ref_log_prob(self, exp: Experience) -> torch.Tensor:
         """The reference model's log-probs [b, T] of the sampled tokens."""
         with self.reference.use() as reference:
-            shape = (exp.rows, exp.response_width)
-            return self._forward(reference, exp, self._logprobs, shape)
+            logp = self._forward(reference, exp, self._logprobs)
+        return self._layout(exp).from_packed(logp, exp.mask)
 
     def compute_values(self, exp: Experience) -> torch.Tensor:
         """Critic values [b, T] of the state before each response token (zeros without one)."""
         if self.critic is None:
             return torch.zeros(exp.rows, exp.response_width)
         self.critic.train(False)
-        values = self._forward(self.critic, exp, values_of, (exp.rows, exp.response_width))
+        values = self._forward(self.critic, exp, scalar_output)
         self.critic.train(True)
-        return values
+        return self._layout(exp).from_packed(values, exp.mask)
 
     def compute_scores(self, exp: Experience, samples: list[Sample]) -> torch.Tensor:
         """Reward [b] of each whole response."""
-        return self.scorer(exp, samples, self._forward)
+        return self.scorer(exp, samples, self)
 
     def compute_rewards(self, exp: Experience):
         """Per-token rewards [b, T] (and the KL [b, T] and -beta * KL behind them). RM scores are
@@ -328,29 +375,35 @@ class ExperienceMaker:
             "logprob_mismatch": world_max(float(gap), self.ps),
         }
 
-    def _forward(self, model, exp: Experience, fn, shape) -> torch.Tensor:
-        """Forward-only pass over `exp`'s micro-batches; fn(out, mb) -> [mb rows, ...]; the
-        concatenation on every stage."""
+    def _forward(self, model, exp: Experience, fn, trailing=()) -> torch.Tensor:
+        """Forward-only pass over `exp`'s packed micro-batches; fn(out, mb) -> [r, width, ...]
+        per position; the whole [R, width, *trailing] on every stage."""
+        mbs = micro_batches(exp, self.batching, self.ps)
         stats = self.fwd_bwd(
             model=model,
-            micro_batches=exp.micro_batches(self.micro_batch_size),
-            loss_fn=lambda out, mb: (None, {"x": fn(out, mb)}),
+            micro_batches=mbs,
+            loss_fn=lambda out, mb: (None, {"x": fn(out, mb), "filler": mb["filler"]}),
             ps=self.ps,
             forward_only=True,
         )
-        t = torch.cat([s["x"] for s in stats]) if stats else None
-        return from_last_stage(t, shape, self.ps)
+        parts = [s["x"] for s in stats if not s["filler"]]
+        t = torch.cat(parts) if parts else None
+        layout = exp.layout(self.batching.pack, self.batching.pad_id)
+        return from_last_stage(t, (layout.rows, layout.width, *trailing), self.ps)
+
+    def _layout(self, exp: Experience) -> PackedLayout:
+        return exp.layout(self.batching.pack, self.batching.pad_id)
 
     def _logprobs(self, out: torch.Tensor, mb: dict, entropy: bool = False):
-        return response_logprobs(out, mb["experience"], self.ps, self.temperature, entropy)
+        return packed_logprobs(out, mb, self.ps, self.temperature, entropy)
 
 
-def response_logprobs(out, exp: Experience, ps: ParallelState, temperature: float, entropy=False):
-    """Log-probs [b, T] (and entropies, with `entropy`) of `exp`'s response tokens under logits
-    `out` [b, P + T, V / tp] of the whole sequences."""
+def packed_logprobs(out, mb: dict, ps: ParallelState, temperature: float, entropy=False):
+    """Log-probs [r, width] (and entropies) of the response tokens each position predicts (0
+    elsewhere), from logits `out` [r, width, V / tp] of a packed micro-batch."""
     return logprobs_from_logits(
-        exp.response_outputs(out),
-        exp.responses,
+        out,
+        mb["packed"]["labels"],
         tp_group=ps.tp_group,
         temperature=temperature,
         return_entropy=entropy,
@@ -358,7 +411,6 @@ def response_logprobs(out, exp: Experience, ps: ParallelState, temperature: floa
     )
 
 
-def values_of(out: torch.Tensor, mb: dict) -> torch.Tensor:
-    """Critic value of the state before each response token, fp32 [b, T], 0 outside the mask."""
-    exp = mb["experience"]
-    return exp.response_outputs(out)[..., 0].float() * exp.mask
+def scalar_output(out: torch.Tensor, mb: dict) -> torch.Tensor:
+    """A scalar head's output 0 at every position, fp32 [r, width]."""
+    return out[..., 0].float()

@@ -78,19 +78,22 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 def sample_tokens(
-    logits: torch.Tensor, gen: GenerationConfig, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
+    logits: torch.Tensor, gen: GenerationConfig, generator: torch.Generator | None = None,
+    u: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Pick one token per row of full-vocabulary logits [b, v].
 
-    Sampling uses inverse-CDF with one uniform draw per row from `generator` (drawn even when
-    greedy, so the stream is the same for every setting), which makes the choice deterministic
-    given the logits.
+    Sampling uses inverse-CDF with one uniform draw per row (`u` [b], else drawn from
+    `generator`; drawn even when greedy, so the stream is the same for every setting), which makes
+    the choice deterministic given the logits.
 
     Returns:
         (tokens [b] long, logprobs [b] fp32 under the temperature-scaled distribution).
     """
     logits = logits.float()
-    u = torch.rand(logits.shape[0], generator=generator).to(logits.device)
+    if u is None:
+        u = torch.rand(logits.shape[0], generator=generator)
+    u = u.to(logits.device)
     if gen.temperature == 0.0:
         tokens = logits.argmax(-1)
         logp = torch.log_softmax(logits, -1)
@@ -120,6 +123,10 @@ def generate(
 ) -> GenerationOutput:
     """Sample responses for a batch of left-padded prompts.
 
+    Rows that emitted EOS stop costing compute: once a quarter of the rows still computed have
+    finished, the batch is compacted (their KV-cache rows dropped). Every step still draws one
+    uniform per original row, so the tokens are the same as without compaction.
+
     Args:
         model: a GPTModel holding all layers (pipeline size 1).
         prompt_ids: [b, p] token ids, left-padded.
@@ -134,48 +141,84 @@ def generate(
         raise ValueError("generate() needs a model holding every layer (pipeline size 1)")
     if generator is None:
         generator = torch.Generator().manual_seed(gen.seed)
-    cfg, ps = model.cfg, model.ps
+    cfg = model.cfg
     b, p = prompt_ids.shape
     n = gen.max_new_tokens
     if p + n > cfg.max_seq_len:
         raise ValueError(
             f"prompt length {p} + max_new_tokens {n} exceeds model.max_seq_len {cfg.max_seq_len}"
         )
-    device = prompt_ids.device
-    cache = KVCache(
-        model.num_local_layers,
-        b,
-        model.layers[str(model.layer_start)].attention.local_kv_heads,
-        p + n,
-        cfg.head_dim,
-        cfg.torch_dtype,
-        device,
-    )
     was_training = model.training
     model.eval()
-    responses = torch.full((b, n), pad_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros(b, n, dtype=torch.float32, device=device)
-    alive = torch.ones(b, dtype=torch.bool, device=device)
-    response_mask = torch.zeros(b, n, dtype=torch.bool, device=device)
-    next_pos = prompt_mask.long().sum(-1)  # position of the first response token per row
-    logits = model(prompt_ids, attention_mask=prompt_mask, kv_cache=cache, last_only=True)[:, -1]
-    for t in range(n):
-        full = gather_from_tensor_parallel_region(logits, ps.tp_group)[:, : cfg.vocab_size]
-        tok, lp = sample_tokens(full, gen, generator)
-        responses[:, t] = torch.where(alive, tok, torch.full_like(tok, pad_id))
-        logprobs[:, t] = torch.where(alive, lp, torch.zeros_like(lp))
-        response_mask[:, t] = alive
-        if eos_id is not None:
-            alive = alive & (tok != eos_id)
-        if not alive.any() or t == n - 1:
-            break
-        logits = model(  # no attention_mask: every new slot is a real key
-            responses[:, t : t + 1],
-            position_ids=(next_pos + t)[:, None],
-            kv_cache=cache,
+    try:
+        state = _Decode(model, prompt_ids, prompt_mask, gen, eos_id, pad_id, generator)
+        state.run()
+    finally:
+        model.train(was_training)
+    sequences = torch.cat([prompt_ids, state.responses], dim=1)
+    mask = torch.cat([prompt_mask.long(), state.response_mask.long()], dim=1)
+    return GenerationOutput(sequences, mask, state.responses, state.response_mask, state.logprobs)
+
+
+class _Decode:
+    """The decoding loop's state: outputs over all rows, the KV cache over the rows still
+    computed (`active`, indices into the batch)."""
+
+    def __init__(self, model, prompt_ids, prompt_mask, gen, eos_id, pad_id, generator):
+        self.model, self.gen, self.eos_id, self.pad_id = model, gen, eos_id, pad_id
+        self.generator, self.prompt_ids, self.prompt_mask = generator, prompt_ids, prompt_mask
+        b, p = prompt_ids.shape
+        n, device = gen.max_new_tokens, prompt_ids.device
+        # The cache holds keys in the dtype the model computes in (bf16 under DeepSpeed's bf16).
+        dtype = next(model.parameters()).dtype
+        layer = model.layers[str(model.layer_start)].attention
+        self.cache = KVCache(
+            model.num_local_layers, b, layer.local_kv_heads, p + n, model.cfg.head_dim, dtype,
+            device,
+        )  # fmt: skip
+        self.responses = torch.full((b, n), pad_id, dtype=torch.long, device=device)
+        self.logprobs = torch.zeros(b, n, dtype=torch.float32, device=device)
+        self.response_mask = torch.zeros(b, n, dtype=torch.bool, device=device)
+        self.alive = torch.ones(b, dtype=torch.bool, device=device)
+        self.active = torch.arange(b, device=device)
+        self.next_pos = prompt_mask.long().sum(-1)  # position of the first response token
+
+    def run(self) -> None:
+        model, n = self.model, self.gen.max_new_tokens
+        logits = model(
+            self.prompt_ids, attention_mask=self.prompt_mask, kv_cache=self.cache, last_only=True
         )[:, -1]
-    model.train(was_training)
-    del cache
-    sequences = torch.cat([prompt_ids, responses], dim=1)
-    mask = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)
-    return GenerationOutput(sequences, mask, responses, response_mask, logprobs)
+        for t in range(n):
+            self.sample(logits, t)
+            if t == n - 1 or not self.alive.any():
+                break
+            self.maybe_compact()
+            act = self.active
+            logits = model(  # no attention_mask: every new slot is a real key
+                self.responses[act, t : t + 1],
+                position_ids=(self.next_pos[act] + t)[:, None],
+                kv_cache=self.cache,
+            )[:, -1]
+        del self.cache
+
+    def sample(self, logits: torch.Tensor, t: int) -> None:
+        """Token t of the active rows from their logits [active, v / tp]."""
+        cfg, ps, act = self.model.cfg, self.model.ps, self.active
+        full = gather_from_tensor_parallel_region(logits, ps.tp_group)[:, : cfg.vocab_size]
+        u = torch.rand(self.responses.shape[0], generator=self.generator)  # one per row, always
+        tok, lp = sample_tokens(full, self.gen, u=u[act.cpu()])
+        alive = self.alive[act]
+        self.responses[act, t] = torch.where(alive, tok, torch.full_like(tok, self.pad_id))
+        self.logprobs[act, t] = torch.where(alive, lp, torch.zeros_like(lp))
+        self.response_mask[act, t] = alive
+        if self.eos_id is not None:
+            self.alive[act] = alive & (tok != self.eos_id)
+
+    def maybe_compact(self) -> None:
+        """Drop finished rows from the computed batch once they are a quarter of it."""
+        keep = self.alive[self.active]
+        if int(keep.sum()) > 0.75 * len(self.active):
+            return
+        idx = keep.nonzero().squeeze(-1)
+        self.cache.select_rows(idx)
+        self.active = self.active[idx]

@@ -45,3 +45,10 @@ class KVCache:
 
     def advance(self, new: int) -> None:
         self.length += new
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows `rows` (a compaction when generation drops finished rows)."""
+        self.k = self.k[:, rows]
+        self.v = self.v[:, rows]
+        self.key_valid = self.key_valid[rows]
+        self.padded = not bool(self.key_valid[:, : self.length].all())

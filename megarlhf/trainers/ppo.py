@@ -41,6 +41,7 @@ from megarlhf.algos.ppo import (
     entropy_bonus,
     loss_normalizer,
     ptx_loss,
+    token_weights,
 )
 from megarlhf.checkpoint import training as ckpt
 from megarlhf.checkpoint.init_from import load_init_weights
@@ -56,10 +57,12 @@ from megarlhf.data.prompts import (
 from megarlhf.engine.experience import (
     Experience,
     ExperienceMaker,
+    MicroBatching,
     RewardFunctionScorer,
     RewardModelScorer,
-    response_logprobs,
-    values_of,
+    micro_batches,
+    packed_logprobs,
+    scalar_output,
 )
 from megarlhf.engine.hybrid import HybridEngine, slice_bounds
 from megarlhf.engine.offload import FrozenModel
@@ -235,10 +238,17 @@ class PPOTrainer(TrainLoop):
         self.kl_ctl = KLController(a.kl_coef, a.kl_target or None, a.kl_horizon)
         self.fwd_bwd = get_forward_backward_func(ps, self.loop_cfg.pipeline_schedule)
         self.temperature = cfg.generation.temperature or 1.0
+        r = self.rollout_cfg
+        self.batching = MicroBatching(
+            pack=r.pack_sequences,
+            max_tokens=r.max_tokens_per_micro_batch,
+            rows=self.loop_cfg.micro_batch_size,
+            pad_id=self.tokenizer.pad_id,
+        )
         self.maker = ExperienceMaker(
             actor=self.actor, reference=self.reference, critic=self.critic, scorer=self.scorer,
             kl_ctl=self.kl_ctl, algo=a, ps=ps, fwd_bwd=self.fwd_bwd,
-            micro_batch_size=self.loop_cfg.micro_batch_size, temperature=self.temperature,
+            batching=self.batching, temperature=self.temperature,
             group_size=self.rollout_cfg.samples_per_prompt,
             recompute_old_logprobs=self.rollout_cfg.recompute_old_logprobs,
         )  # fmt: skip
@@ -334,9 +344,9 @@ class PPOTrainer(TrainLoop):
             for m in range(self.algo.num_minibatches):
                 yield exp.select(m * per, (m + 1) * per)
 
-    def normalizer(self, micro_batches: list[dict]) -> float:
-        masks = [mb["experience"].mask for mb in micro_batches]
-        return loss_normalizer(masks, self.algo.loss_agg, lambda v: sum_over_dp(v, self.ps))
+    def normalizer(self, part: Experience) -> float:
+        """The loss denominator of one optimizer step over `part` (all DP ranks)."""
+        return loss_normalizer([part.mask], self.algo.loss_agg, lambda v: sum_over_dp(v, self.ps))
 
     # ----------------------------------------------------------------------------- updates
 
@@ -345,8 +355,11 @@ class PPOTrainer(TrainLoop):
         sums = dict.fromkeys(("pg", "clip", "akl", "ptx", "tokens", "ptx_tokens"), 0.0)
         grad_norms = []
         for part in self.minibatches(exp):
-            mbs = part.micro_batches(self.loop_cfg.micro_batch_size)
-            norm = self.normalizer(mbs)
+            weights = token_weights(part.mask, self.algo.loss_agg)
+            per_token = {"old_logprobs": part.old_logprobs, "advantages": part.advantages,
+                         "weights": weights, "mask": part.mask}  # fmt: skip
+            mbs = micro_batches(part, self.batching, self.ps, per_token)
+            norm = self.normalizer(part)
             ptx_mbs, ptx_norm = self.ptx_micro_batches()
             self.actor.begin_step(len(mbs) + len(ptx_mbs))
             st = self._run(self.actor, mbs, self._policy_loss_fn(norm))
@@ -359,7 +372,7 @@ class PPOTrainer(TrainLoop):
             totals = sum_over_replicas(local, self.ps)
             for k, v in zip(("pg", "clip", "akl", "ptx"), totals, strict=True):
                 sums[k] += v
-            sums["tokens"] += norm
+            sums["tokens"] += loss_normalizer([part.mask], "token-mean", self._dp_sum)
             sums["ptx_tokens"] += ptx_norm if ptx_mbs else 0.0
         tok = max(sums["tokens"], 1.0)
         return {
@@ -377,25 +390,32 @@ class PPOTrainer(TrainLoop):
             return {"value_loss": 0.0}
         vl = tokens = 0.0
         for part in self.minibatches(exp):
-            mbs = part.micro_batches(self.loop_cfg.micro_batch_size)
-            norm = self.normalizer(mbs)
+            weights = token_weights(part.mask, self.algo.loss_agg)
+            per_token = {"values": part.values, "returns": part.returns, "weights": weights,
+                         "mask": part.mask}  # fmt: skip
+            mbs = micro_batches(part, self.batching, self.ps, per_token)
             self.critic.begin_step(len(mbs))
-            st = self._run(self.critic, mbs, self._value_loss_fn(norm))
+            st = self._run(self.critic, mbs, self._value_loss_fn(self.normalizer(part)))
             self.critic.step()
             (s,) = sum_over_replicas([sum(x["vl"] for x in st)], self.ps)
-            vl, tokens = vl + s, tokens + norm
+            vl += s
+            tokens += loss_normalizer([part.mask], "token-mean", self._dp_sum)
         return {"value_loss": vl / max(tokens, 1.0)}
 
+    def _dp_sum(self, values: list[float]) -> list[float]:
+        return sum_over_dp(values, self.ps)
+
     def ptx_micro_batches(self) -> tuple[list[dict], float]:
-        """This DP rank's micro-batches of the next PTX batch, and the batch's next-token count
-        (all ranks); ([], 1.0) without PTX."""
+        """This DP rank's micro-batches of the next PTX batch (dense rows, the token budget's
+        worth each), and the batch's next-token count (all ranks); ([], 1.0) without PTX."""
         if self.ptx_rows is None:
             return [], 1.0
         rows = self.ptx_rows[next_global_batch(self.ptx_sampler)]
         lo, hi = slice_bounds(rows.shape[0], self.ps.dp_rank, self.ps.dp_size)
-        mine, size = rows[lo:hi], self.loop_cfg.micro_batch_size
+        mine, length = rows[lo:hi], rows.shape[1]
+        size = max(self.batching.budget(length) // length, 1)
         mbs = [{"input_ids": mine[s : s + size]} for s in range(0, mine.shape[0], size)]
-        return mbs, float(self.algo.ptx_batch_size * (self.ptx_rows.shape[1] - 1))
+        return mbs, float(self.algo.ptx_batch_size * (length - 1))
 
     def _run(self, model: DeepSpeedModel, mbs: list[dict], loss_fn) -> list[dict]:
         return self.fwd_bwd(
@@ -411,13 +431,13 @@ class PPOTrainer(TrainLoop):
         with_entropy = a.entropy_coef > 0
 
         def loss_fn(out: torch.Tensor, mb: dict):
-            exp = mb["experience"]
-            lp = response_logprobs(out, exp, self.ps, self.temperature, entropy=with_entropy)
+            pk = mb["packed"]
+            lp = packed_logprobs(out, mb, self.ps, self.temperature, entropy=with_entropy)
             logp, ent = lp if with_entropy else (lp, None)
-            pg, st = policy_loss(logp, exp.old_logprobs, exp.advantages, a.clip_eps)
+            pg, st = policy_loss(logp, pk["old_logprobs"], pk["advantages"], a.clip_eps)
             total = pg + entropy_bonus(ent, a.entropy_coef) if with_entropy else pg
-            loss = aggregate(total, exp.mask, a.loss_agg, normalizer)
-            m = exp.mask
+            loss = aggregate(total, pk["weights"], normalizer)
+            m = pk["mask"]
             return loss, {
                 "pg": float((pg.detach() * m).sum()),
                 "clip": float((st["clipped"] * m).sum()),
@@ -440,11 +460,11 @@ class PPOTrainer(TrainLoop):
         a = self.algo
 
         def loss_fn(out: torch.Tensor, mb: dict):
-            exp = mb["experience"]
-            v = values_of(out, mb)
-            per_token, _ = clipped_value_loss(v, exp.values, exp.returns, a.value_clip)
-            loss = aggregate(per_token, exp.mask, a.loss_agg, normalizer)
-            return loss, {"vl": float((per_token.detach() * exp.mask).sum())}
+            pk = mb["packed"]
+            v = scalar_output(out, mb)
+            per_token, _ = clipped_value_loss(v, pk["values"], pk["returns"], a.value_clip)
+            loss = aggregate(per_token, pk["weights"], normalizer)
+            return loss, {"vl": float((per_token.detach() * pk["mask"]).sum())}
 
         return loss_fn
 

@@ -12,6 +12,7 @@ from megarlhf.algos.ppo import (
     loss_normalizer,
     ptx_loss,
     token_rewards,
+    token_weights,
 )
 from megarlhf.algos.stats import explained_variance, masked_mean, masked_var, masked_whiten
 
@@ -37,7 +38,7 @@ def test_policy_loss_matches_loop_reference():
     adv = torch.randn(3, 5)
     mask = (torch.rand(3, 5) > 0.3).float()
     per_token, stats = clipped_surrogate(logp, old, adv, clip_eps=0.2)
-    loss = aggregate(per_token, mask, "token-mean", float(mask.sum()))
+    loss = aggregate(per_token, token_weights(mask, "token-mean"), float(mask.sum()))
     clipfrac = float((stats["clipped"] * mask).sum() / mask.sum())
     terms, clipped_count = [], 0
     for i in range(3):
@@ -60,7 +61,7 @@ def test_value_loss_clipping_by_hand():
     per_token, stats = clipped_value_loss(values, old, returns, clip_range=0.2)
     # token 0: unclipped (1-2)^2 = 1; clipped V = 0.7 -> 1.69: max 1.69. token 1: 1 and 1.
     assert torch.allclose(per_token, torch.tensor([[0.5 * 1.69, 0.5]]))
-    assert abs(aggregate(per_token, mask, "token-mean", 2.0).item() - (0.5 * 1.69 + 0.5) / 2) < 1e-6
+    assert abs(aggregate(per_token, mask, 2.0).item() - (0.5 * 1.69 + 0.5) / 2) < 1e-6
     assert stats["clipped"].tolist() == [[1.0, 0.0]]
     unclipped, _ = clipped_value_loss(values, old, returns, clip_range=0.0)
     assert torch.allclose(unclipped, torch.tensor([[0.5, 0.5]]))
@@ -82,7 +83,7 @@ def test_loss_aggregation_modes_by_hand():
     }
     for mode, value in want.items():
         n = loss_normalizer([m1, m2], mode, total)
-        got = aggregate(x1, m1, mode, n) + aggregate(x2, m2, mode, n)
+        got = sum(aggregate(x, token_weights(m, mode), n) for x, m in ((x1, m1), (x2, m2)))
         assert abs(got.item() - value) < 1e-6, mode
     # The normalizer is summed over DP ranks: two ranks holding these masks double it.
     assert loss_normalizer([m1, m2], "token-mean", lambda v: [2 * v[0]]) == 12.0

@@ -115,3 +115,33 @@ def test_tp2_generation_equals_tp1(family, gen_kw):
     for responses, logprobs in run_ranks(_generate_tp, 2, family, gen_kw, timeout=180):
         assert responses.tolist() == expect.responses.tolist()
         assert (logprobs - expect.logprobs).abs().max() <= 1e-5
+
+
+def test_dropping_finished_rows_changes_no_token(monkeypatch):
+    """Rows that emitted EOS are dropped from the computed batch (the KV cache is compacted);
+    the tokens and log-probs equal a run that keeps computing every row."""
+    from megarlhf.model import generation
+
+    cfg = tiny_config("llama", vocab_size=8, max_seq_len=64)
+    model = reference_model(cfg)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(4, 8, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g)
+               for _ in range(8)]  # fmt: skip
+    ids, mask = left_pad([p.tolist() for p in prompts], 0)
+    gen = GenerationConfig(max_new_tokens=24, temperature=1.0, seed=11)
+    compactions = []
+    select = KVCache.select_rows
+    monkeypatch.setattr(
+        KVCache,
+        "select_rows",
+        lambda self, rows: (compactions.append(len(rows)), select(self, rows)),
+    )
+    dropped = generate(model, ids, mask, gen, eos_id=3, pad_id=0)
+    assert compactions, "no row finished early: the test draws too few EOS"
+    monkeypatch.setattr(generation._Decode, "maybe_compact", lambda self: None)
+    kept = generate(model, ids, mask, gen, eos_id=3, pad_id=0)
+    assert torch.equal(dropped.responses, kept.responses)
+    assert torch.equal(dropped.response_mask, kept.response_mask)
+    torch.testing.assert_close(dropped.logprobs, kept.logprobs, atol=1e-6, rtol=0)
+    lengths = dropped.response_mask.sum(-1)
+    assert lengths.min() < lengths.max()  # rows really stopped at different steps

@@ -3,7 +3,9 @@
 Two PPO steps (rollout with seeded temperature-1 sampling, RM scores, k1 KL rewards, GAE,
 whitened advantages, two minibatches of clipped PPO + value updates with PTX in the same actor
 step) at TP=2, PP=2 (2 ranks) and TP=2 x PP=2 (4 ranks) equal the single-process TP=1 run: the
-same rollouts, rewards, losses and statistics, and the same final actor weights (fp32). The
+same rollouts, rewards, losses and statistics, and the same final actor weights (fp32), whether
+the experience is packed several sequences per row, padded one per row, or cut by a token budget
+into more micro-batches. The
 generation layout has DP 1 in both (ppo.generation_tp = world), so both runs draw the same
 sampling stream. Every step's `logprob_mismatch` (generation vs training layout, fp32) is
 <= 1e-5.
@@ -48,15 +50,24 @@ def reference(tmp_path_factory):
     return run_ranks(_worker, 1, ["ppo.generation_tp=1"], str(out), timeout=200)[0], out
 
 
-LAYOUTS = {"tp2": (2, 1, 2), "pp2": (1, 2, 2), "tp2pp2": (2, 2, 4)}  # tp, pp, world
+# tp, pp, world, and how the experience is cut: the reference packs several sequences per row;
+# these runs pack too, or run one padded sequence per row, or pack under a small token budget
+# (several micro-batches per minibatch), so packed == padded is checked at TP=2 and PP=2.
+PADDED = ["ppo.pack_sequences=false"]
+LAYOUTS = {
+    "tp2": (2, 1, 2, []),
+    "tp2_padded": (2, 1, 2, PADDED),
+    "pp2_padded": (1, 2, 2, PADDED),
+    "tp2pp2_budget": (2, 2, 4, ["ppo.max_tokens_per_micro_batch=40"]),
+}
 
 
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_ppo_steps_equal_tp1(reference, layout, tmp_path):
     ref, ref_dir = reference
-    tp, pp, world = LAYOUTS[layout]
-    over = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"ppo.generation_tp={world}"]
+    tp, pp, world, cut = LAYOUTS[layout]
+    over = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"ppo.generation_tp={world}", *cut]
     par = run_ranks(_worker, world, over, str(tmp_path), timeout=300)
     for res in (ref, *par):
         for rec in res["metrics"]:
