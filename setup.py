@@ -26,5 +26,9 @@ setup(
     extras_require={
         "gpu": ["flash-attn"],
         "trl": ["trl==1.12.0"],
+        # Experiment trackers beside metrics.jsonl and TensorBoard (logging.wandb, logging.mlflow).
+        "wandb": ["wandb==0.31.0"],
+        # The tracking client, and the SQLite store MLflow 3 wants for local runs (mlflow.db).
+        "mlflow": ["mlflow-skinny==3.17.2", "sqlalchemy==2.1.9", "alembic==1.20.1"],
     },
 )

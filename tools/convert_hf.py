@@ -6,10 +6,14 @@
     python tools/convert_hf.py --megarlhf-to-hf CKPT OUT
     # megarlhf -> megarlhf at another TP x PP (bit-exact)
     python tools/convert_hf.py --reshard CKPT OUT --tp 1 --pp 1
+    # a reward model / critic (scalar head) <-> *ForSequenceClassification (num_labels outputs)
+    python tools/convert_hf.py --hf-to-megarlhf HF_RM CKPT --tp 2
+    python tools/convert_hf.py --megarlhf-to-hf RM_CKPT OUT --score-bias fold --pad-token-id 0
 
 One CPU process, streaming tensor by tensor (peak memory is about the largest full tensor, not the
 model). Output is staged in a temp folder beside OUT and renamed at the end: an error leaves none.
-Families: GPT-2 (model_type gpt2) and LLaMA-style (llama, mistral). The peak RSS is printed last.
+Families: GPT-2 (model_type gpt2) and LLaMA-style (llama, mistral), language models and sequence
+classifiers (the scalar head). The peak RSS is printed last.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import time
 from pathlib import Path
 
 from megarlhf.checkpoint.model_shards import CheckpointError
-from megarlhf.convert import hf_to_megarlhf, megarlhf_to_hf, reshard
+from megarlhf.convert import SCORE_BIAS_POLICIES, hf_to_megarlhf, megarlhf_to_hf, reshard
 from megarlhf.utils.rss import peak_rss_bytes
 
 
@@ -62,6 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-shard-size", default="5GB", help="export: split model.safetensors above this"
     )
+    p.add_argument(
+        "--score-bias",
+        choices=SCORE_BIAS_POLICIES,
+        default="error",
+        help="export of a scalar head whose bias is not 0 (HF's score layer has none): error "
+        "(default), fold (gpt2: into ln_f.bias, same scores), drop (scores shift by -bias; the "
+        "bias is kept in config.json and restored on import)",
+    )
+    p.add_argument(
+        "--pad-token-id",
+        type=int,
+        help="export: set config.json pad_token_id (sequence classifiers need it for batches > 1)",
+    )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     return p
 
@@ -86,9 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.megarlhf_to_hf:
             src, out = args.megarlhf_to_hf
             hf_cfg = megarlhf_to_hf(
-                src, out, overwrite=args.force, max_shard_bytes=parse_size(args.max_shard_size)
+                src,
+                out,
+                overwrite=args.force,
+                max_shard_bytes=parse_size(args.max_shard_size),
+                score_bias=args.score_bias,
+                pad_token_id=args.pad_token_id,
             )
-            what = f"HF {hf_cfg['model_type']} folder"
+            what = f"HF {hf_cfg['architectures'][0]} folder"
         else:
             src, out = args.reshard
             cfg = reshard(src, out, tp=args.tp, pp=args.pp, overwrite=args.force)

@@ -1,11 +1,13 @@
 """Data configuration of the three stages (the `data:` section): SFT demonstrations, RM rankings,
-PPO prompts and PTX text. Tokenizer and formatting are one inline section they share."""
+PPO prompts and PTX text. Tokenizer and formatting are one inline section they share, and so are
+the rows' shape and column names (`data.format`, `data.fields.<field>`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from megarlhf.config.loader import check, check_choice, inline
+from megarlhf.data.formats import FORMATS, RM_FORMATS
 from megarlhf.data.tokenizer import TEMPLATES
 
 # Most completions per prompt the InstructGPT labeling interface showed.
@@ -32,13 +34,58 @@ class TextFormatConfig:
 
 
 @dataclass
+class FieldsConfig:
+    """The column each field is read from (`data.fields.prompt=question`); defaults: its name."""
+
+    # The prompt: text (prompt/response, pairwise and ranking rows; PPO prompts).
+    prompt: str = "prompt"
+    # A demonstration's response (SFT prompt/response rows).
+    response: str = "response"
+    # A conversation: a list of {"role", "content"} messages.
+    messages: str = "messages"
+    # The preferred response: text, a whole HH transcript, or a list of messages.
+    chosen: str = "chosen"
+    # The dispreferred response, in the same shape as chosen.
+    rejected: str = "rejected"
+    # A ranking row's K responses.
+    responses: str = "responses"
+    # A ranking row's ranks, 1 = best.
+    ranking: str = "ranking"
+
+    def __post_init__(self) -> None:
+        seen: dict[str, str] = {}
+        for name, column in vars(self).items():
+            check(isinstance(column, str) and column != "", name, "must be a column name")
+            other = seen.setdefault(column, name)
+            check(other == name, name, f"column {column!r} is already data.fields.{other}")
+
+
+@dataclass
+class RowsConfig:
+    """What the data rows look like: their shape and where each field is."""
+
+    # Row shape: "auto" (detected per row) or one of prompt_response, messages, chosen_rejected,
+    # ranking, hh (Anthropic HH-RLHF transcripts), chosen_rejected_messages (UltraFeedback
+    # style); docs/data.md has each and the detection rules.
+    format: str = "auto"
+    # Column names of the fields, a nested section: data.fields.prompt=question.
+    fields: FieldsConfig = field(default_factory=FieldsConfig)
+
+    def __post_init__(self) -> None:
+        check_choice(self.format, FORMATS, "format")
+
+
+@dataclass
 class DatasetConfig:
     """What SFT and RM data share: files, formatting, length, bad-input policy, seed."""
 
-    # JSONL files of the stage's rows (see the subclasses).
+    # Data files of the stage's rows (see the subclasses): JSONL, JSON, Parquet, Arrow, or
+    # datasets save_to_disk folders.
     train_files: list[str] = field(default_factory=list)
     # Tokenizer and formatting of prompt + response.
     text: TextFormatConfig = inline(TextFormatConfig)
+    # Shape and column names of the rows.
+    rows: RowsConfig = inline(RowsConfig)
     # Longest sample in tokens (SFT: a training row; RM: prompt + response, EOS included); a
     # longer one is invalid. At most model.max_seq_len.
     seq_len: int = 256
@@ -55,8 +102,8 @@ class DatasetConfig:
 
 @dataclass
 class DataConfig(DatasetConfig):
-    """SFT data: {"prompt", "response"} or {"messages": [{"role", "content"}, ...]} rows, packed
-    into rows of seq_len tokens."""
+    """SFT data: {"prompt", "response"} or {"messages": [{"role", "content"}, ...]} rows (or the
+    best response of preference rows), packed into rows of seq_len tokens."""
 
     train_files: list[str] = field(default_factory=lambda: ["data/sft_tiny.jsonl"])
     # Pack several samples into each row (greedy first-fit); false: one padded sample per row.
@@ -66,7 +113,7 @@ class DataConfig(DatasetConfig):
 @dataclass
 class RMDataConfig(DatasetConfig):
     """Ranking data: {"prompt", "responses", "ranking"} or {"prompt", "chosen", "rejected"}
-    rows."""
+    rows, HH-RLHF transcripts or chat-message pairs."""
 
     train_files: list[str] = field(default_factory=lambda: ["data/rm_tiny.jsonl"])
     # Most responses per prompt (K); a row with more is invalid.
@@ -75,18 +122,24 @@ class RMDataConfig(DatasetConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(2 <= self.max_k <= 64, "max_k", f"must be in [2, 64], got {self.max_k}")
+        fmt = self.rows.format
+        ok = fmt in RM_FORMATS
+        check(ok, "format", f"{fmt!r} has no responses to rank (use {'|'.join(RM_FORMATS)})")
 
 
 @dataclass
 class PPODataConfig:
     """Prompts to answer, the pretraining (PTX) corpus, tokenizer and formatting."""
 
-    # JSONL files of {"prompt": str} rows (other keys, e.g. "response", are ignored).
+    # Files of prompt rows, {"prompt": str} (other keys, e.g. "response", are ignored) or any row
+    # shape's prompt part; JSONL, JSON, Parquet, Arrow or save_to_disk folders.
     prompt_files: list[str] = field(default_factory=lambda: ["data/ppo_prompts_tiny.jsonl"])
     # Plain-text files for the PTX loss, one document per non-empty line; empty: no PTX data.
     ptx_files: list[str] = field(default_factory=list)
     # Tokenizer and formatting of a prompt, as in SFT.
     text: TextFormatConfig = inline(TextFormatConfig)
+    # Shape and column names of the prompt rows.
+    rows: RowsConfig = inline(RowsConfig)
     # Longest tokenized prompt; prompt + generation.max_new_tokens must fit model.max_seq_len.
     max_prompt_len: int = 64
     # Tokens per PTX sequence (documents are concatenated and cut into rows of this length).

@@ -6,6 +6,7 @@ config has."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 
 from megarlhf.config.loader import check
@@ -110,7 +111,8 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    """Observability: metrics.jsonl is always written; these add views on top."""
+    """Observability: metrics.jsonl is always written; these add views on top (the trackers:
+    megarlhf.utils.trackers)."""
 
     # Write TensorBoard event files under <output_dir>/tensorboard.
     tensorboard: bool = True
@@ -118,9 +120,38 @@ class LoggingConfig:
     progress_bar: bool = True
     # Print a one-line summary every N steps on rank 0; 0: never.
     log_every: int = 10
+    # Also log to Weights & Biases (pip install megarlhf[wandb]; WANDB_MODE=offline needs no
+    # account). A resumed run continues the same W&B run (its id is kept in trackers.json).
+    wandb: bool = False
+    # W&B project.
+    wandb_project: str = "megarlhf"
+    # W&B entity (user or team); empty: the account's default.
+    wandb_entity: str = ""
+    # W&B run display name; empty: the output directory's name.
+    wandb_run_name: str = ""
+    # W&B run id to create or continue; empty: a new id, kept in <output_dir>/trackers.json.
+    wandb_run_id: str = ""
+    # Also log to MLflow (pip install megarlhf[mlflow]); a resumed run continues the same run.
+    mlflow: bool = False
+    # MLflow tracking URI; empty: the SQLite file sqlite:///<output_dir>/mlflow.db.
+    mlflow_tracking_uri: str = ""
+    # MLflow experiment (created when missing).
+    mlflow_experiment: str = "megarlhf"
+    # MLflow run name; empty: the output directory's name.
+    mlflow_run_name: str = ""
 
     def __post_init__(self) -> None:
         check(self.log_every >= 0, "log_every", "must be >= 0")
+        for tracker, package in (("wandb", "wandb"), ("mlflow", "mlflow")):
+            check(
+                not getattr(self, tracker) or importlib.util.find_spec(package) is not None,
+                tracker,
+                f"true needs the {package} package (pip install megarlhf[{tracker}])",
+            )
+        bad = sorted(set(self.wandb_run_id) & set("/\\#?%:"))
+        check(not bad, "wandb_run_id", f"{self.wandb_run_id!r}: W&B run ids cannot contain {bad}")
+        check(bool(self.wandb_project), "wandb_project", "must not be empty")
+        check(bool(self.mlflow_experiment), "mlflow_experiment", "must not be empty")
 
 
 @dataclass

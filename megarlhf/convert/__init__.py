@@ -1,5 +1,6 @@
 """Hugging Face <-> megarlhf checkpoint conversion: config translation, per-family key-mapping
-tables, streaming HF weight I/O, and the three conversions (import, export, re-shard)."""
+tables, streaming HF weight I/O, the scalar head's bias (reward models, critics:
+`*ForSequenceClassification`), and the three conversions (import, export, re-shard)."""
 
 from megarlhf.convert.convert import hf_to_megarlhf, megarlhf_to_hf, reshard, staged_output_dir
 from megarlhf.convert.hf_config import (
@@ -8,9 +9,12 @@ from megarlhf.convert.hf_config import (
     hf_config_to_model_config,
     model_config_to_hf_config,
 )
+from megarlhf.convert.score_head import SCORE_BIAS_KEY, SCORE_BIAS_POLICIES
 from megarlhf.convert.tables import TABLES
 
 __all__ = [
+    "SCORE_BIAS_KEY",
+    "SCORE_BIAS_POLICIES",
     "SUPPORTED_MODEL_TYPES",
     "TABLES",
     "ConversionError",

@@ -13,6 +13,9 @@ Outputs are written into a temp folder beside the destination and renamed at the
 leaves no partial output. Besides the weights, an imported checkpoint keeps the HF `config.json` as
 `model/hf_config.json` (token ids, model_type and other keys we do not model) and the tokenizer
 files under `tokenizer/`; export and re-sharding carry both along.
+
+Scalar-head models (reward models, critics) are HF `*ForSequenceClassification` models: the
+`score` layer is a table row, the bias it lacks is handled by `score_head.py`.
 """
 
 from __future__ import annotations
@@ -39,6 +42,12 @@ from megarlhf.convert.hf_config import (
     model_config_to_hf_config,
 )
 from megarlhf.convert.hf_io import HFWeights, HFWeightsWriter, copy_tokenizer_files, read_hf_config
+from megarlhf.convert.score_head import (
+    HEAD_BIAS,
+    SCORE_BIAS_KEY,
+    export_head_bias,
+    imported_head_bias,
+)
 from megarlhf.convert.tables import (
     TABLES,
     KeyMapping,
@@ -102,7 +111,8 @@ def _check_hf_tensors(
                 )
             used.add(hf_name)
     tied = set()
-    if cfg.tie_embeddings and table.tied_copy and table.tied_copy[0] in names:
+    lm_tied = cfg.head == "lm" and cfg.tie_embeddings
+    if lm_tied and table.tied_copy and table.tied_copy[0] in names:
         copy_name, source = table.tied_copy
         source_hf = next(m.hf[0] for m in mappings if m.ours == source)
         _check_tied_copy(weights, copy_name, source_hf)
@@ -114,7 +124,7 @@ def _check_hf_tensors(
             f"e.g. {left[:4]} ({hint}); refusing to drop weights"
         )
     produced = {m.ours for m in mappings}
-    expected = set(sharding_plan(cfg, 1))
+    expected = set(sharding_plan(cfg, 1)) - {HEAD_BIAS}  # the bias has no HF tensor
     if cfg.tie_embeddings:
         expected.discard("output.weight")
     if produced != expected:
@@ -125,7 +135,7 @@ def _check_hf_tensors(
 
 
 def _layer_hint(hf_cfg: dict) -> str:
-    keys = ("num_hidden_layers", "n_layer", "tie_word_embeddings")
+    keys = ("architectures", "num_hidden_layers", "n_layer", "tie_word_embeddings")
     said = ", ".join(f"{k}={hf_cfg[k]}" for k in keys if k in hf_cfg)
     return f"config.json says {said}" if said else "config.json"
 
@@ -162,12 +172,16 @@ def hf_to_megarlhf(
         mappings = expand(table, cfg, prefix)
         _check_hf_tensors(weights, mappings, cfg, hf_cfg, table)
         infos = {m.ours: (m.shape, cfg.torch_dtype) for m in mappings}
+        if cfg.head == "scalar":
+            infos[HEAD_BIAS] = ((cfg.num_head_outputs,), cfg.torch_dtype)
         writer = ModelShardsWriter(tmp, cfg, tp, pp, infos)
         try:
             for m in mappings:
                 full = to_ours(m, [weights.get(h) for h in m.hf]).to(cfg.torch_dtype)
                 writer.write(m.ours, full)
                 del full
+            if cfg.head == "scalar":
+                writer.write(HEAD_BIAS, imported_head_bias(hf_cfg, cfg))
             writer.close()
         except BaseException:
             writer.abort()
@@ -194,9 +208,19 @@ def megarlhf_to_hf(
     *,
     overwrite: bool = False,
     max_shard_bytes: int = 5 * 2**30,
+    score_bias: str = "error",
+    pad_token_id: int | None = None,
 ) -> dict:
     """Convert a megarlhf checkpoint (any layout) into an HF folder `from_pretrained` loads.
 
+    Args:
+        ckpt_dir: the checkpoint (a language model, or a scalar head: *ForSequenceClassification).
+        out_dir: HF folder to create.
+        overwrite: replace an existing `out_dir`.
+        max_shard_bytes: above this, several safetensors files and an index.
+        score_bias: scalar head with a non-zero bias: "error", "fold" or "drop" (score_head.py).
+        pad_token_id: set config.json's pad_token_id (transformers' sequence classifiers score
+            the last token that is not this id, and refuse batches > 1 without one).
     Returns:
         The config.json dict written.
     """
@@ -207,28 +231,23 @@ def megarlhf_to_hf(
         base_path = ckpt_dir / MODEL_SUBDIR / HF_CONFIG_FILE
         base = json.loads(base_path.read_text()) if base_path.exists() else None
         hf_cfg = model_config_to_hf_config(cfg, base)
+        hf_cfg.pop(SCORE_BIAS_KEY, None)
+        if pad_token_id is not None:
+            hf_cfg["pad_token_id"] = pad_token_id
         mappings = expand(table, cfg, table.prefixes[0])
-        stored = set(reader.names())
-        if stored != {m.ours for m in mappings}:
-            missing = sorted({m.ours for m in mappings} - stored)
-            extra = sorted(stored - {m.ours for m in mappings})
-            raise ConversionError(
-                f"{ckpt_dir}: parameters do not match its meta.json config: missing {missing[:4]}, "
-                f"unexpected {extra[:4]}"
-            )
-        entries = {}
-        for m in mappings:
-            shape, dtype = reader.info(m.ours)
-            if shape != m.shape:
-                raise ConversionError(
-                    f"{ckpt_dir}: {m.ours} has full shape {list(shape)}, its meta.json config "
-                    f"implies {list(m.shape)}"
-                )
-            entries.update({h: (hf_part_shape(m, k), dtype) for k, h in enumerate(m.hf)})
+        entries = _check_stored(reader, mappings, ckpt_dir)
+        replaced = {}
+        if cfg.head == "scalar":
+            where = str(ckpt_dir)
+            replaced, kept_bias = export_head_bias(cfg, reader.full_tensor, score_bias, where)
+            if kept_bias is not None:
+                hf_cfg[SCORE_BIAS_KEY] = kept_bias
         writer = HFWeightsWriter(tmp, entries, max_shard_bytes)
         try:
             for m in mappings:
-                for hf_name, t in zip(m.hf, to_hf(m, reader.full_tensor(m.ours)), strict=True):
+                full = replaced.get(m.ours)
+                full = reader.full_tensor(m.ours) if full is None else full
+                for hf_name, t in zip(m.hf, to_hf(m, full), strict=True):
                     writer.write(hf_name, t)
             writer.close()
         except BaseException:
@@ -237,6 +256,29 @@ def megarlhf_to_hf(
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         copy_tokenizer_files(ckpt_dir / TOKENIZER_SUBDIR, tmp)
     return hf_cfg
+
+
+def _check_stored(reader: ModelShardsReader, mappings: list[KeyMapping], ckpt_dir: Path) -> dict:
+    """Check the stored names and full shapes against the table; the HF (shape, dtype) entries."""
+    wanted = {m.ours for m in mappings}
+    if reader.cfg.head == "scalar":
+        wanted.add(HEAD_BIAS)  # exported through score_head, not as a tensor
+    stored = set(reader.names())
+    if stored != wanted:
+        raise ConversionError(
+            f"{ckpt_dir}: parameters do not match its meta.json config: missing "
+            f"{sorted(wanted - stored)[:4]}, unexpected {sorted(stored - wanted)[:4]}"
+        )
+    entries = {}
+    for m in mappings:
+        shape, dtype = reader.info(m.ours)
+        if shape != m.shape:
+            raise ConversionError(
+                f"{ckpt_dir}: {m.ours} has full shape {list(shape)}, its meta.json config "
+                f"implies {list(m.shape)}"
+            )
+        entries.update({h: (hf_part_shape(m, k), dtype) for k, h in enumerate(m.hf)})
+    return entries
 
 
 # ----------------------------------------------------------------------------- re-sharding

@@ -8,6 +8,11 @@ Simplifications, stated:
 - Mistral's sliding window is honoured by capping `max_seq_len` at the window: within it, sliding
   and full causal attention are the same computation.
 - fp16 checkpoints are imported as fp32 (lossless); our model runs fp32 or bf16.
+
+The head comes from `architectures`: `*ForSequenceClassification` (a reward model or critic) is
+our scalar head with `num_head_outputs` = the number of labels (`id2label`); anything else is a
+language model. Export writes the architecture of the model's head back (`GPT2LMHeadModel`,
+`LlamaForCausalLM`, `MistralForSequenceClassification`, ...).
 """
 
 from __future__ import annotations
@@ -45,7 +50,6 @@ class Requirement:
 class ConfigTable:
     family: str
     model_types: tuple[str, ...]
-    architecture: str
     fields: tuple[Field, ...]
     requirements: tuple[Requirement, ...]
 
@@ -53,7 +57,6 @@ class ConfigTable:
 GPT2_CONFIG = ConfigTable(
     family="gpt2",
     model_types=("gpt2",),
-    architecture="GPT2LMHeadModel",
     fields=(
         Field("vocab_size", "vocab_size"),
         Field("hidden_size", "n_embd"),
@@ -75,7 +78,6 @@ GPT2_CONFIG = ConfigTable(
 LLAMA_CONFIG = ConfigTable(
     family="llama",
     model_types=("llama", "mistral"),
-    architecture="LlamaForCausalLM",
     fields=(
         Field("vocab_size", "vocab_size"),
         Field("hidden_size", "hidden_size"),
@@ -99,6 +101,26 @@ CONFIG_TABLES = {t.family: t for t in (GPT2_CONFIG, LLAMA_CONFIG)}
 _BY_MODEL_TYPE = {mt: t for t in CONFIG_TABLES.values() for mt in t.model_types}
 SUPPORTED_MODEL_TYPES = tuple(sorted(_BY_MODEL_TYPE))
 _DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp32"}
+# transformers class names: stem of each model_type + the suffix of the head.
+_CLASS_STEM = {"gpt2": "GPT2", "llama": "Llama", "mistral": "Mistral"}
+SEQUENCE_CLASSIFICATION = "ForSequenceClassification"
+
+
+def architecture(model_type: str, head: str) -> str:
+    """The transformers class of a `model_type` with our `head` ("lm" or "scalar")."""
+    if head == "scalar":
+        return _CLASS_STEM[model_type] + SEQUENCE_CLASSIFICATION
+    return _CLASS_STEM[model_type] + ("LMHeadModel" if model_type == "gpt2" else "ForCausalLM")
+
+
+def head_of(hf: dict) -> dict:
+    """ModelConfig head fields of an HF config: scalar for `*ForSequenceClassification`."""
+    if not any(a.endswith(SEQUENCE_CLASSIFICATION) for a in hf.get("architectures") or []):
+        return {"head": "lm", "num_head_outputs": 1}
+    # transformers' num_labels is len(id2label); a config without labels means its default, 2.
+    labels = hf.get("id2label")
+    n = len(labels) if labels else int(hf.get("num_labels", 2))
+    return {"head": "scalar", "num_head_outputs": n}
 
 
 def config_table_for(hf: dict) -> ConfigTable:
@@ -141,6 +163,7 @@ def hf_config_to_model_config(hf: dict, **overrides) -> ModelConfig:
                 f"(supported: {', '.join(map(repr, req.allowed))})"
             )
     kwargs: dict = {"family": table.family, "hidden_dropout": 0.0, "attention_dropout": 0.0}
+    kwargs.update(head_of(hf))
     for f in table.fields:
         value = hf.get(f.hf)
         if value is None:
@@ -185,8 +208,9 @@ def model_config_to_hf_config(cfg: ModelConfig, base: dict | None = None) -> dic
         out.pop(key, None)
     if out.get("model_type") not in table.model_types:
         out["model_type"] = table.model_types[0]
-        out["architectures"] = [table.architecture]
-    out.setdefault("architectures", [table.architecture])
+    out["architectures"] = [architecture(out["model_type"], cfg.head)]
+    if cfg.head == "scalar":
+        _set_labels(out, cfg.num_head_outputs)
     for f in table.fields:
         out[f.hf] = getattr(cfg, f.ours)
     for req in table.requirements:
@@ -205,3 +229,12 @@ def model_config_to_hf_config(cfg: ModelConfig, base: dict | None = None) -> dic
             out["max_position_embeddings"] = base["max_position_embeddings"]
     out["dtype"] = {"fp32": "float32", "bf16": "bfloat16"}[cfg.dtype]
     return out
+
+
+def _set_labels(out: dict, n: int) -> None:
+    """transformers' label maps for `n` scalar outputs (the base's names kept when they fit)."""
+    out.pop("num_labels", None)
+    labels = out.get("id2label") or {}
+    if len(labels) != n:
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(n)}
+        out["label2id"] = {f"LABEL_{i}": i for i in range(n)}

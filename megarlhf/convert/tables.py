@@ -10,7 +10,10 @@ One `FamilyTable` per model family lists, row by row, which HF tensor(s) make ea
   GPT-2's fused `c_attn` [h, 3h] transposes to [3h, h] whose rows are already q|k|v, our layout.
 - `shape`: the full shape the config implies, checked against every tensor before anything is
   written (a config that disagrees with its tensors is an error naming the key).
-- `when`: "untied" rows exist only for models with a separate output layer.
+- `when`: "untied" rows exist only for language models with a separate output layer, "scalar"
+  rows only for scalar-head models (reward model, critic: HF `*ForSequenceClassification`, whose
+  `score.weight` [n, h] is our `head.weight`). Our `head.bias` has no HF tensor (HF's score layer
+  has none): `score_head.py` makes it on import and decides what becomes of it on export.
 
 The HF names carry `{p}` for the model prefix ("transformer." or "" for GPT-2 checkpoints saved from
 `GPT2Model`, "model." for LLaMA) and `{i}` for the layer index. No permutation of q/k rows is needed
@@ -40,6 +43,7 @@ class Row:
     shape: Callable[[ModelConfig], Shape]
     transform: str = "none"
     split: Callable[[ModelConfig], list[int]] | None = None
+    # "always", "untied" (LM head with its own output layer) or "scalar" (scalar head).
     when: str = "always"
 
 
@@ -78,6 +82,10 @@ def _hh(c: ModelConfig) -> Shape:
 
 def _vocab(c: ModelConfig) -> Shape:
     return (c.vocab_size, c.hidden_size)
+
+
+def _score(c: ModelConfig) -> Shape:
+    return (c.num_head_outputs, c.hidden_size)
 
 
 def _qkv_rows(c: ModelConfig) -> int:
@@ -133,6 +141,7 @@ GPT2_TABLE = FamilyTable(
         Row("final_norm.weight", ("{p}ln_f.weight",), _h),
         Row("final_norm.bias", ("{p}ln_f.bias",), _h),
         Row("output.weight", ("lm_head.weight",), _vocab, when="untied"),
+        Row("head.weight", ("score.weight",), _score, when="scalar"),
     ),
     # Causal-mask buffers that old GPT-2 checkpoints saved as tensors.
     ignore=(r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias",),
@@ -179,6 +188,7 @@ LLAMA_TABLE = FamilyTable(
         ),
         Row("final_norm.weight", ("{p}norm.weight",), _h),
         Row("output.weight", ("lm_head.weight",), _vocab, when="untied"),
+        Row("head.weight", ("score.weight",), _score, when="scalar"),
     ),
     # Rotary frequencies that old LLaMA checkpoints saved as tensors.
     ignore=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),
@@ -201,7 +211,7 @@ def expand(table: FamilyTable, cfg: ModelConfig, prefix: str) -> list[KeyMapping
     """The table's rows for every layer of `cfg`, in model order (embedding, layers, head)."""
     out = []
     for row in table.rows:
-        if row.when == "untied" and cfg.tie_embeddings:
+        if not _row_applies(row, cfg):
             continue
         layers = range(cfg.num_layers) if "{i}" in row.ours else [None]
         split = tuple(row.split(cfg)) if row.split else None
@@ -221,6 +231,14 @@ def expand(table: FamilyTable, cfg: ModelConfig, prefix: str) -> list[KeyMapping
             )
     # Layer rows come out grouped by row; order them by layer so writes follow the model.
     return sorted(out, key=lambda m: _order_key(m.ours))
+
+
+def _row_applies(row: Row, cfg: ModelConfig) -> bool:
+    if row.when == "untied":
+        return cfg.head == "lm" and not cfg.tie_embeddings
+    if row.when == "scalar":
+        return cfg.head == "scalar"
+    return True
 
 
 def _order_key(name: str) -> tuple[int, int]:

@@ -68,7 +68,7 @@ def build_sft_loader(
 ) -> SFTLoader:
     """Read, validate, tokenize and pack `cfg.train_files`; a loader for this data-parallel rank."""
     dataset = load_sft_dataset(
-        cfg.train_files, tokenizer, cfg.seq_len, cfg.text.template, cfg.skip_invalid
+        cfg.train_files, tokenizer, cfg.seq_len, cfg.text.template, cfg.skip_invalid, cfg.rows
     )
     rows = build_rows(dataset, cfg.seq_len, cfg.pack, cfg.seed)
     sampler = ResumableSampler(len(rows), micro_batch_size, grad_accum, dp_rank, dp_size, cfg.seed)

@@ -35,7 +35,7 @@ import torch
 
 from megarlhf.checkpoint import training as ckpt
 from megarlhf.checkpoint.init_from import load_init_weights
-from megarlhf.config import ConfigError, save_config
+from megarlhf.config import ConfigError, save_config, to_dict
 from megarlhf.data.tokenizer import Tokenizer, load_tokenizer
 from megarlhf.model.gpt import GPTModel
 from megarlhf.optim.deepspeed_model import DeepSpeedModel
@@ -45,6 +45,7 @@ from megarlhf.parallel.scalars import broadcast_object
 from megarlhf.parallel.state import ParallelState
 from megarlhf.utils.metrics import MetricsLogger
 from megarlhf.utils.progress import Progress
+from megarlhf.utils.trackers import Trackers
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +90,15 @@ def resume_point(output_dir: Path, cfg, ps: ParallelState) -> Path | None:
     return found
 
 
-def open_run_dir(output_dir: Path, cfg, resume_step: int, tensorboard: bool) -> MetricsLogger:
+def open_run_dir(output_dir: Path, cfg, resume_step: int) -> MetricsLogger:
     """Rank 0 at the start of training: the output folder, the run's config.yaml, and the metrics
-    sinks (continuing after `resume_step` when resuming, -1 for a fresh run)."""
+    sinks of `cfg.logging` (continuing after `resume_step` when resuming, -1 for a fresh run;
+    the W&B / MLflow runs reopened from trackers.json)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, output_dir / ckpt.CONFIG_FILE)
-    return MetricsLogger(output_dir, tensorboard, resume_step)
+    log = cfg.logging
+    trackers = Trackers(output_dir, log, to_dict(cfg), resume_step)
+    return MetricsLogger(output_dir, log.tensorboard, resume_step, trackers)
 
 
 class TrainLoop:
@@ -167,9 +171,7 @@ class TrainLoop:
         resumed = self.resumed_from is not None
         metrics = None
         if self.is_rank0:
-            metrics = open_run_dir(
-                self.output_dir, cfg, c.step if resumed else -1, cfg.logging.tensorboard
-            )
+            metrics = open_run_dir(self.output_dir, cfg, c.step if resumed else -1)
         progress = Progress(
             self.total_steps, c.step, enabled=self.is_rank0 and cfg.logging.progress_bar
         )

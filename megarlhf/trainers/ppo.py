@@ -160,7 +160,9 @@ class PPOTrainer(TrainLoop):
         if self.given_prompts is not None:
             self.prompts = [list(x) for x in self.given_prompts]
         else:
-            self.prompts = load_prompts(d.prompt_files, tok, d.text.template, d.max_prompt_len)
+            self.prompts = load_prompts(
+                d.prompt_files, tok, d.text.template, d.max_prompt_len, d.rows
+            )
         self.sampler = global_batch_sampler(
             len(self.prompts), self.rollout_cfg.rollout_batch_size, d.seed,
             "ppo.rollout_batch_size",
@@ -230,7 +232,7 @@ class PPOTrainer(TrainLoop):
         self._build_data()
         self.resumed_from = resume_point(self.output_dir, cfg, ps)
         self._build_models()
-        self.gen_ps = build_parallel_state(tp=gen_tp, pp=1)
+        self.gen_ps = build_parallel_state(gen_tp, 1, ps.timeout_s, name="generation")
         eos = self.tokenizer.eos_id if self.stop_at_eos else None
         self.hybrid = HybridEngine(
             self.actor.module, self.gen_ps, cfg.generation, eos, self.tokenizer.pad_id

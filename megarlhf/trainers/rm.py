@@ -159,7 +159,7 @@ class RMTrainer(SingleModelTrainer):
         cfg, ps, tok = self.cfg, self.ps, self.tokenizer
         d, r, mbs = cfg.data, cfg.rm, cfg.rm.loop.micro_batch_size
         train = load_ranking_dataset(
-            d.train_files, tok, d.seq_len, d.text.template, d.max_k, d.skip_invalid
+            d.train_files, tok, d.seq_len, d.text.template, d.max_k, d.skip_invalid, d.rows
         )
         sampler = ResumableSampler(
             len(train.samples), mbs, self.passes.grad_accum, ps.dp_rank, ps.dp_size, d.seed
@@ -168,8 +168,9 @@ class RMTrainer(SingleModelTrainer):
         self.eval_batches = None
         if self.passes.eval_files:
             held_out = load_ranking_dataset(
-                self.passes.eval_files, tok, d.seq_len, d.text.template, d.max_k, d.skip_invalid
-            )
+                self.passes.eval_files, tok, d.seq_len, d.text.template, d.max_k, d.skip_invalid,
+                d.rows,
+            )  # fmt: skip
             self.eval_batches = ranking_eval_batches(
                 held_out.samples, tok.pad_id, mbs, ps.dp_rank, ps.dp_size
             )

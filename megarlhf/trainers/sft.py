@@ -95,8 +95,9 @@ class SFTTrainer(SingleModelTrainer):
         """
         d, mbs = self.cfg.data, self.cfg.sft.loop.micro_batch_size
         data = load_sft_dataset(
-            self.passes.eval_files, self.tokenizer, d.seq_len, d.text.template, d.skip_invalid
-        )
+            self.passes.eval_files, self.tokenizer, d.seq_len, d.text.template, d.skip_invalid,
+            d.rows,
+        )  # fmt: skip
         rows = build_rows(data, d.seq_len, d.pack, d.seed)
         batches = []
         for idx, filler in even_split(len(rows), mbs, self.ps.dp_rank, self.ps.dp_size):

@@ -1,9 +1,12 @@
-"""Metric sinks of a training run: `<output_dir>/metrics.jsonl` and TensorBoard event files.
+"""Metric sinks of a training run: `<output_dir>/metrics.jsonl`, TensorBoard event files, and
+the optional trackers (Weights & Biases, MLflow: megarlhf.utils.trackers).
 
 `metrics.jsonl` holds one JSON object per optimizer step (`{"step": 12, "loss": ..., ...}`),
 appended and flushed as each step ends, so a killed run keeps every finished step. On resume the
 lines of steps after the checkpoint (steps the killed run finished but did not save) are dropped
-first, so the file reads as one uninterrupted run. Only one process (rank 0) writes.
+first, so the file reads as one uninterrupted run. TensorBoard purges them too (`purge_step`);
+the trackers cannot, and keep the killed run's copies (see trackers.py). Only one process
+(rank 0) writes.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import json
 import math
 import os
 from pathlib import Path
+
+from megarlhf.utils.trackers import Trackers
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -48,16 +53,33 @@ def _plain(v):
     return v
 
 
+def scalars_of(rec: dict, prefix: str) -> dict[str, float]:
+    """The numeric fields of a record as `prefix/key` scalars (what TensorBoard and trackers
+    get; strings such as a "nan" written for JSON and booleans are left out)."""
+    return {
+        f"{prefix}/{k}": v
+        for k, v in rec.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
 class MetricsLogger:
-    """Writes step records to metrics.jsonl and (optionally) TensorBoard scalars.
+    """Writes step records to metrics.jsonl and (optionally) TensorBoard and trackers.
 
     Args:
         output_dir: run directory.
         tensorboard: also write `<output_dir>/tensorboard/events.*`.
         resume_step: when resuming, drop records after this step first.
+        trackers: W&B / MLflow runs to send every step's scalars to (None: none).
     """
 
-    def __init__(self, output_dir: str | Path, tensorboard: bool = True, resume_step: int = -1):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        tensorboard: bool = True,
+        resume_step: int = -1,
+        trackers: Trackers | None = None,
+    ):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / METRICS_FILE
@@ -74,16 +96,20 @@ class MetricsLogger:
                 str(self.dir / TENSORBOARD_DIR),
                 purge_step=resume_step + 1 if resume_step >= 0 else None,
             )
+        self.trackers = trackers
 
     def log(self, step: int, metrics: dict, prefix: str = "train") -> None:
-        """Append one record {"step": step, **metrics}; scalars go to TensorBoard as prefix/key."""
+        """Append one record {"step": step, **metrics}; scalars go to TensorBoard and the
+        trackers as prefix/key."""
         rec = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(rec) + "\n")
         self._file.flush()
+        scalars = scalars_of(rec, prefix)
         if self._tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(f"{prefix}/{k}", v, step)
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self.trackers is not None:
+            self.trackers.log(step, scalars)
 
     def flush(self) -> None:
         self._file.flush()
@@ -94,3 +120,5 @@ class MetricsLogger:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self.trackers is not None:
+            self.trackers.close()

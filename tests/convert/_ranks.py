@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megarlhf.algos.ranking import last_token_scores
 from megarlhf.checkpoint.model_shards import load_model_shard, read_meta
 from megarlhf.config import GenerationConfig
 from megarlhf.model.generation import generate
@@ -99,3 +100,43 @@ def smollm2_tp(rank, world_size, ckpt, ids, new_tokens, eos_id):
     gen = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0)
     res = generate(model, ids, torch.ones_like(ids), gen, eos_id=eos_id, pad_id=eos_id)
     return (logits, res.responses) if rank == 0 else None
+
+
+@torch.no_grad()
+def pipeline_scores(model: GPTModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """Scalar-head scores [b, n] at each row's last real token, through the pipeline stage by
+    stage (None except on the last stage). The head already sums its TP partial scores."""
+    ps = model.ps
+    if ps.is_first_stage:
+        out = model(ids, attention_mask=mask)
+    else:
+        hidden = torch.empty(*ids.shape, model.cfg.hidden_size, dtype=model.cfg.torch_dtype)
+        dist.recv(hidden, src=ps.prev_rank)
+        out = model(hidden_states=hidden, attention_mask=mask)
+    if not ps.is_last_stage:
+        dist.send(out.contiguous(), dst=ps.next_rank)
+        return None
+    return last_token_scores(out, mask)
+
+
+def scores_at_layouts(rank, world_size, cases, layouts, batches):
+    """Reward-model scores of every (ids, mask) batch at every layout, from each layout's own
+    checkpoint (strict).
+
+    Args:
+        cases: {name: {(tp, pp): checkpoint dir}}.
+        layouts: [(tp, pp)] with tp * pp == world_size.
+        batches: {padding side: (ids [b, s], mask [b, s])}.
+    Returns:
+        {(name, tp, pp, side): [b, n]} from the reporting rank (last stage, TP rank 0).
+    """
+    out = {}
+    for layout in layouts:
+        ps = build_parallel_state(*layout)
+        for name, ckpts in cases.items():
+            model = load_stage(ckpts[layout], ps, strict_layout=True)
+            for side, (ids, mask) in batches.items():
+                scores = pipeline_scores(model, ids, mask)
+                if scores is not None and ps.tp_rank == 0:
+                    out[(name, *layout, side)] = scores
+    return out
