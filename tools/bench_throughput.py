@@ -22,6 +22,7 @@ peak memory per rank; --json writes the same as one object. Fields and formulas:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -61,13 +62,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--zero-stage", type=int, default=0)
+    p.add_argument("--zero-stage", type=int, default=1)
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="model.dtype (auto: bf16 where matmuls run it fast: CUDA, or a CPU with AMX-BF16 / "
+        "AVX512-BF16; else fp32); a model.dtype override wins",
+    )
+    p.add_argument(
+        "--eos-rate",
+        type=float,
+        default=0.0,
+        help="variable-length mode: the random models emit EOS at this rate per token (GPT-2 "
+        "family; e.g. 0.03), ours and TRL's alike; 0: every response is --response-len long",
+    )
+    p.add_argument(
+        "--latency-batches",
+        default="",
+        help="with --compare-hf-generate: also per-token latency at these batch sizes (1,8,64)",
+    )
+    p.add_argument(
+        "--profile", default=None, metavar="PATH",
+        help="profile one more PPO iteration (torch.profiler) into PATH",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument(
         "--peak-tflops",
         type=float,
         default=0.0,
-        help="per-device peak for MFU (0: measured fp32 matmul peak on CPU, table on CUDA)",
+        help="per-device peak for MFU (0: a matmul peak measured in the run's dtype on CPU, "
+        "the data sheet's on CUDA)",
     )
     p.add_argument("--json", default=None, metavar="PATH", help="write the report here")
     p.add_argument("--compare-trl", action="store_true", help="also time TRL's PPOTrainer")
@@ -115,6 +140,8 @@ def build_run_config(args: argparse.Namespace):
     if preset.suffix not in (".yaml", ".yml"):
         preset = ROOT / "configs" / "models" / f"{args.model}.yaml"
     model_ov = [o for o in args.overrides if o.startswith("model.")]
+    if not any(o.startswith("model.dtype=") for o in model_ov):
+        model_ov.append(f"model.dtype={resolve_dtype(args.dtype)}")
     model = load_config(ModelFileConfig, preset, model_ov).model
     need = args.prompt_len + args.response_len
     if model.max_seq_len < need:
@@ -151,25 +178,34 @@ def build_run_config(args: argparse.Namespace):
     return from_dict(PPORunConfig, data)
 
 
+def resolve_dtype(choice: str) -> str:
+    """--dtype auto: bf16 where the device runs bf16 matmuls fast."""
+    if choice != "auto":
+        return choice
+    from megarlhf.perf.bench import fast_bf16_device
+
+    return "bf16" if fast_bf16_device() else "fp32"
+
+
 # ----------------------------------------------------------------------------- measuring
 
 
 def peak_tflops(args: argparse.Namespace, cfg) -> tuple[float, str]:
-    """The MFU denominator and where it came from."""
+    """The MFU denominator in the run's dtype, and where it came from."""
     import torch
 
-    from megarlhf.perf.bench import cuda_peak_tflops, measure_matmul_tflops
+    from megarlhf.perf.bench import cuda_peak_tflops, measured_peak
 
     if args.peak_tflops > 0:
         return args.peak_tflops, "--peak-tflops"
+    dtype = cfg.model.dtype
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
-        table = cuda_peak_tflops(name, cfg.model.dtype)
+        table = cuda_peak_tflops(name, dtype)
         if table is not None:
-            return table, f"data sheet, {name} {cfg.model.dtype}"
-        dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
-        return measure_matmul_tflops(8192, dtype=dtype, device="cuda"), f"measured matmul, {name}"
-    return measure_matmul_tflops(2048), "measured fp32 torch.matmul 2048^3 on this CPU (best of 5)"
+            return table, f"data sheet, {name} {dtype}"
+        return measured_peak(dtype, "cuda", 8192)
+    return measured_peak(dtype)
 
 
 def gathered(value) -> list:
@@ -232,72 +268,141 @@ def run_stage(cfg, args: argparse.Namespace) -> dict:
 
 
 def run_ppo(cfg, args, ps, peak) -> dict:
-    """Warm-up, then --iters PPO iterations (alternating with TRL's under --compare-trl)."""
-    from megarlhf.perf.bench import mean, peak_memory_bytes, ppo_report, synthetic_prompts
-    from megarlhf.perf.flops import ppo_iteration_flops
+    """Warm-up, then --iters PPO iterations (alternating with TRL's under --compare-trl: first
+    with TRL in fp32, then with TRL under bf16 autocast)."""
+    from megarlhf.perf.bench import peak_memory_bytes, synthetic_prompts
     from megarlhf.trainers.ppo import PPOTrainer
 
     prompts = synthetic_prompts(args.batch, args.prompt_len, cfg.model.vocab_size, args.seed)
     with tempfile.TemporaryDirectory(prefix="megarlhf_bench_out_") as out:
-        trainer = PPOTrainer(cfg, ps, out, prompts=prompts, stop_at_eos=False)
+        trainer = PPOTrainer(cfg, ps, out, prompts=prompts, stop_at_eos=args.eos_rate > 0)
         trainer.setup()
-
-        def one() -> dict:
-            rec = trainer.run_step()
-            if rec["response_length"] != args.response_len:
-                raise RuntimeError(f"responses of {rec['response_length']} tokens, not fixed")
-            return rec
-
+        if args.eos_rate > 0:
+            install_eos_rate(trainer, args.eos_rate)
+        one = measured_step(trainer, args)
         for _ in range(args.warmup):
             one()
         mem, mem_source = peak_memory_bytes()  # before TRL shares the process
-        trl, trl_times = None, []
-        if args.compare_trl:
-            from megarlhf.perf.bench import build_trl_ppo, run_trl_iterations
-
-            trl = build_trl_ppo(
-                cfg.model,
-                prompts,
-                response_len=args.response_len,
-                ppo_epochs=args.ppo_epochs,
-                num_minibatches=args.num_minibatches,
-                lr=cfg.optim.lr,
-                kl_coef=cfg.ppo.algo.kl_coef,
-                seed=args.seed,
-                output_dir=Path(out) / "trl",
-            )
-            if args.warmup:
-                run_trl_iterations(*trl, args.warmup)
-        records = []
-        for _ in range(args.iters):  # alternate: one of ours, one of TRL's
-            records.append(one())
-            if trl is not None:
-                trl_times += run_trl_iterations(*trl, 1)
+        records, trl = [], {}
+        settings = ("fp32", "bf16") if args.compare_trl else (None,)
+        for setting in settings:
+            peer = build_peer(cfg, args, prompts, trainer, setting, Path(out))
+            for _ in range(args.iters):  # alternate: one of ours, one of TRL's
+                records.append(one())
+                if peer is not None:
+                    trl.setdefault(setting, []).extend(run_trl_iterations(*peer, 1))
+        if args.profile:
+            profile_iteration(one, args.profile)
         params = model_params(trainer.actor.module, ps)
+    rep = common_fields(args, cfg, ps, params, peak)
+    rep.update(ppo_fields(cfg, args, ps, records, peak[0]))
+    rep["peak_memory_bytes"], rep["peak_memory_source"] = gathered(mem), mem_source
+    if trl:
+        rep.update(trl_fields(trl, rep, args))
+    return rep
+
+
+def measured_step(trainer, args):
+    """One counted PPO iteration; with fixed lengths, checks every response has them."""
+
+    def one() -> dict:
+        rec = trainer.run_step()
+        if args.eos_rate == 0 and rec["response_length"] != args.response_len:
+            raise RuntimeError(f"responses of {rec['response_length']} tokens, not fixed")
+        return rec
+
+    return one
+
+
+def install_eos_rate(trainer, rate: float) -> None:
+    """Our actor and reference emit EOS at `rate` per token (megarlhf.perf.eos_rate)."""
+    from megarlhf.perf.eos_rate import set_eos_rate
+
+    cfg, eos = trainer.cfg.model, trainer.tokenizer.eos_id
+    if cfg.family != "gpt2" or trainer.ps.world_size > 1:
+        raise ValueError("--eos-rate needs a gpt2-family model on one rank")
+    for model in (trainer.actor.module, trainer.reference.model):
+        set_eos_rate(model.embedding.word.weight, model.final_norm.bias, eos, rate, cfg.vocab_size)
+
+
+def build_peer(cfg, args, prompts, trainer, setting: str | None, out: Path):
+    """TRL's trainer in `setting` ("fp32", "bf16"), warmed up; None without --compare-trl."""
+    if setting is None:
+        return None
+    from megarlhf.perf.trl_peer import build_trl_ppo, reset_accelerate, run_trl_iterations
+
+    reset_accelerate()
+    peer = build_trl_ppo(
+        dataclasses.replace(cfg.model, dtype="fp32"),
+        prompts,
+        response_len=args.response_len,
+        ppo_epochs=args.ppo_epochs,
+        num_minibatches=args.num_minibatches,
+        lr=cfg.optim.lr,
+        kl_coef=cfg.ppo.algo.kl_coef,
+        seed=args.seed,
+        output_dir=out / f"trl_{setting}",
+        pad_id=trainer.tokenizer.pad_id,
+        eos_id=trainer.tokenizer.eos_id,
+        bf16=setting == "bf16",
+        eos_rate=args.eos_rate,
+    )
+    if args.warmup:
+        run_trl_iterations(*peer, args.warmup)
+    return peer
+
+
+def run_trl_iterations(trainer, timer, n: int) -> list[float]:
+    from megarlhf.perf.trl_peer import run_trl_iterations as run
+
+    return run(trainer, timer, n)
+
+
+def profile_iteration(one, path: str) -> None:
+    """One more iteration under torch.profiler; its top operators (self CPU time) into `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        one()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    Path(path).write_text(table + "\n")
+
+
+def ppo_fields(cfg, args, ps, records: list[dict], peak: float) -> dict:
+    """The PPO report of the measured iterations: FLOPs at the measured mean response length
+    (the work done: packing skips padding), phase MFUs."""
+    from megarlhf.perf.bench import phase_mfu, ppo_report
+    from megarlhf.perf.flops import ppo_iteration_flops
+
+    n = round(statistics.mean(r["response_length"] for r in records))
     critic = cfg.critic_model()
     flops = ppo_iteration_flops(
-        cfg.model, critic, critic, args.batch, args.prompt_len, args.response_len, args.ppo_epochs
+        cfg.model, critic, critic, args.batch, args.prompt_len, n, args.ppo_epochs
     )
     if not cfg.ppo.rollout.recompute_old_logprobs:  # generation's log-probs: no actor forward
         flops["total"] -= flops["actor_forward"]
         flops["actor_forward"] = 0.0
-    rep = common_fields(args, cfg, ps, params, peak)
-    rep.update(
-        ppo_report(
-            records, flops, args.batch, args.prompt_len, args.response_len, ps.world_size, peak[0]
-        )
-    )
-    rep["peak_memory_bytes"], rep["peak_memory_source"] = gathered(mem), mem_source
-    if trl is not None:
-        rep["trl_iteration_latencies_s"] = trl_times
-        rep["trl_e2e_latency_s"] = mean(trl_times)
-        rep["trl_samples_per_s"] = args.batch / mean(trl_times)
-        rep["trl_ratio"] = rep["samples_per_s"] / rep["trl_samples_per_s"]
-        # Robust to one iteration hit by a load spike on a shared machine.
-        rep["trl_ratio_median"] = statistics.median(trl_times) / statistics.median(
-            rep["iteration_latencies_s"]
-        )
+    rep = ppo_report(records, flops, args.batch, args.prompt_len, n, ps.world_size, peak)
+    rep.update(phase_mfu(records, flops, ps.world_size, peak))
+    rep["mean_response_length"] = n
     return rep
+
+
+def trl_fields(trl: dict, rep: dict, args) -> dict:
+    """TRL's samples/s per setting and the ratio of medians against the faster one."""
+    ours = statistics.median(rep["iteration_latencies_s"])
+    out = {}
+    for setting, times in trl.items():
+        out[f"trl_{setting}_iteration_latencies_s"] = times
+        out[f"trl_{setting}_samples_per_s"] = args.batch / statistics.mean(times)
+    faster = min(trl, key=lambda k: statistics.median(trl[k]))
+    out["trl_faster_setting"] = faster
+    out["trl_samples_per_s"] = out[f"trl_{faster}_samples_per_s"]
+    out["trl_e2e_latency_s"] = statistics.mean(trl[faster])
+    # Ratio of medians: robust to one iteration hit by a load spike on a shared machine.
+    out["trl_ratio"] = statistics.median(trl[faster]) / ours
+    out["trl_ratio_mean"] = rep["samples_per_s"] / out["trl_samples_per_s"]
+    return out
 
 
 def run_train_steps(cfg, args, ps, peak) -> dict:
@@ -375,28 +480,57 @@ def run_train_steps(cfg, args, ps, peak) -> dict:
 
 def compare_hf_generate(cfg, args: argparse.Namespace) -> dict:
     """Greedy KV-cache generation of our GPTModel against transformers' generate on the same
-    weights (converted by megarlhf_to_hf): --batch prompts of --prompt-len, --response-len new
-    tokens, alternating runs; one process, no process group."""
+    weights in the same dtype (converted by megarlhf_to_hf): --batch prompts of --prompt-len,
+    --response-len new tokens, alternating runs; one process, no process group. With
+    --latency-batches, the per-token latency of both at each of those batch sizes too."""
+    import torch
+
+    from megarlhf.model.gpt import GPTModel
+    from megarlhf.parallel.state import single_process_state
+    from megarlhf.perf.bench import to_hf_causal_lm
+
+    ours = GPTModel(cfg.model, single_process_state(), seed=args.seed).eval()
+    with tempfile.TemporaryDirectory(prefix="megarlhf_bench_hf_") as work:
+        hf = to_hf_causal_lm(ours, work, dtype=next(ours.parameters()).dtype)
+    rep = {
+        "stage": "generate",
+        "model_name": args.model,
+        "dtype": cfg.model.dtype,
+        "params": sum(p.numel() for p in ours.parameters()),
+        "batch": args.batch,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.response_len,
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "threads": torch.get_num_threads(),
+        "transformers_attn_implementation": hf.config._attn_implementation,
+    }
+    rep.update(generate_pair(ours, hf, args.batch, args))
+    rep["per_token_latency_ms"] = {}
+    for b in [int(x) for x in args.latency_batches.split(",") if x.strip()]:
+        pair = generate_pair(ours, hf, b, args)
+        n = args.response_len
+        rep["per_token_latency_ms"][str(b)] = {
+            "ours": 1e3 * pair["latency_s"] / n,
+            "transformers": 1e3 * pair["hf_latency_s"] / n,
+        }
+    return rep
+
+
+def generate_pair(ours, hf, batch: int, args) -> dict:
+    """Alternating timed greedy generations of `batch` prompts by ours and by transformers."""
     import time
 
     import torch
 
     from megarlhf.config import GenerationConfig
     from megarlhf.model.generation import generate
-    from megarlhf.model.gpt import GPTModel
-    from megarlhf.parallel.state import single_process_state
-    from megarlhf.perf.bench import mean, synthetic_prompts, to_hf_causal_lm
+    from megarlhf.perf.bench import mean, synthetic_prompts
 
-    ps = single_process_state()
-    ours = GPTModel(cfg.model, ps, seed=args.seed).eval()
     n = args.response_len
-    ids = torch.tensor(
-        synthetic_prompts(args.batch, args.prompt_len, cfg.model.vocab_size, args.seed)
-    )
+    ids = torch.tensor(synthetic_prompts(batch, args.prompt_len, ours.cfg.vocab_size, args.seed))
     mask = torch.ones_like(ids)
     gen = GenerationConfig(max_new_tokens=n, temperature=0.0)
-    with tempfile.TemporaryDirectory(prefix="megarlhf_bench_hf_") as work:
-        hf = to_hf_causal_lm(ours, work)
 
     def run_ours():
         return generate(ours, ids, mask, gen, None, 0).responses
@@ -404,14 +538,9 @@ def compare_hf_generate(cfg, args: argparse.Namespace) -> dict:
     @torch.inference_mode()
     def run_hf():
         out = hf.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
+            input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+            do_sample=False, eos_token_id=None, pad_token_id=0,
+        )  # fmt: skip
         return out[:, ids.shape[1] :]
 
     def timed(fn):
@@ -429,26 +558,15 @@ def compare_hf_generate(cfg, args: argparse.Namespace) -> dict:
         t_hf.append(t)
         match = match and a.shape == b.shape and bool((a == b).all())
     lo, lh = mean(t_ours), mean(t_hf)
-    tokens = args.batch * n
     return {
-        "stage": "generate",
-        "model_name": args.model,
-        "params": sum(p.numel() for p in ours.parameters()),
-        "batch": args.batch,
-        "prompt_len": args.prompt_len,
-        "new_tokens": n,
-        "iters": args.iters,
-        "warmup": args.warmup,
         "latency_s": lo,
         "hf_latency_s": lh,
         "latencies_s": t_ours,
         "hf_latencies_s": t_hf,
-        "tokens_per_s": tokens / lo,
-        "hf_tokens_per_s": tokens / lh,
-        "hf_generate_ratio": lh / lo,
+        "tokens_per_s": batch * n / lo,
+        "hf_tokens_per_s": batch * n / lh,
+        "hf_generate_ratio": statistics.median(t_hf) / statistics.median(t_ours),
         "greedy_match": match,
-        "threads": torch.get_num_threads(),
-        "transformers_attn_implementation": hf.config._attn_implementation,
     }
 
 
@@ -481,25 +599,40 @@ def print_report(rep: dict) -> None:
     )
     mem = ", ".join(f"{b / 2**20:.0f}" for b in rep["peak_memory_bytes"])
     print(f"  peak memory per rank (MiB, {rep['peak_memory_source']}): {mem}")
+    if "train_mfu" not in rep:
+        return
+    print(
+        f"  training-phase MFU {100 * rep['train_mfu']:.1f}%, generation-phase MFU "
+        f"{100 * rep['generate_mfu']:.1f}%, mean response {rep['mean_response_length']:.1f} tokens"
+    )
     if "trl_samples_per_s" in rep:
+        per = ", ".join(
+            f"{k} {rep[f'trl_{k}_samples_per_s']:.2f} samples/s" for k in ("fp32", "bf16")
+        )
         print(
-            f"  TRL {rep['trl_samples_per_s']:.2f} samples/s ({rep['trl_e2e_latency_s'] * 1e3:.1f}"
-            f" ms/iteration); ours / TRL = {rep['trl_ratio']:.2f}x (medians: "
-            f"{rep['trl_ratio_median']:.2f}x)"
+            f"  TRL {per}; ours / TRL ({rep['trl_faster_setting']}, the faster) = "
+            f"{rep['trl_ratio']:.2f}x (ratio of medians; means {rep['trl_ratio_mean']:.2f}x)"
         )
 
 
 def print_generate_report(rep: dict) -> None:
     print(
-        f"generate: model {rep['model_name']} ({rep['params'] / 1e6:.2f}M params), batch "
-        f"{rep['batch']}, prompt {rep['prompt_len']}, {rep['new_tokens']} new tokens, greedy, "
-        f"{rep['iters']} runs each after {rep['warmup']} warm-up, alternating"
+        f"generate: model {rep['model_name']} ({rep['params'] / 1e6:.2f}M params, "
+        f"{rep['dtype']} on both sides), batch {rep['batch']}, prompt {rep['prompt_len']}, "
+        f"{rep['new_tokens']} new tokens, greedy, {rep['iters']} runs each after "
+        f"{rep['warmup']} warm-up, alternating"
     )
     print(
         f"  ours {rep['tokens_per_s']:.0f} tokens/s ({rep['latency_s'] * 1e3:.1f} ms)  "
         f"transformers {rep['hf_tokens_per_s']:.0f} tokens/s ({rep['hf_latency_s'] * 1e3:.1f} ms)"
-        f"  ratio {rep['hf_generate_ratio']:.2f}x  greedy tokens equal: {rep['greedy_match']}"
+        f"  ratio {rep['hf_generate_ratio']:.2f}x (medians)  greedy tokens equal: "
+        f"{rep['greedy_match']}"
     )
+    for b, lat in rep["per_token_latency_ms"].items():
+        print(
+            f"  batch {b:>3}: {lat['ours']:.2f} ms/token ours, {lat['transformers']:.2f} ms/token "
+            "transformers"
+        )
 
 
 def main(argv=None) -> int:

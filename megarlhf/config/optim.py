@@ -6,15 +6,18 @@ from dataclasses import dataclass
 
 from megarlhf.config.loader import ConfigError, check, check_choice
 
-OPTIMIZER_IMPLS = ("auto", "torch")
+OPTIMIZER_IMPLS = ("auto", "torch", "fused", "cpu_adam")
 
 
 @dataclass
 class OptimConfig:
     """AdamW with linear warmup and cosine decay, and global gradient-norm clipping."""
 
-    # Optimizer implementation: "auto" (DeepSpeed FusedAdam on CUDA when it imports, else
-    # torch.optim.AdamW) or "torch" (always torch.optim.AdamW).
+    # Optimizer implementation: "auto" (CUDA: DeepSpeed FusedAdam when it imports, else torch's
+    # fused AdamW; CPU: torch's fused AdamW for bf16 models, the plain torch.optim.AdamW for fp32
+    # ones, which the exactness tests compare against), "torch" (always the plain AdamW),
+    # "fused" (torch's fused AdamW), "cpu_adam" (DeepSpeed's C++ CPU Adam, built just-in-time on
+    # first use and cached; the fastest on CPU, see docs/bench.md).
     impl: str = "auto"
     # Peak learning rate, reached at the end of warmup.
     lr: float = 3e-4

@@ -151,34 +151,58 @@ class MicroBatching:
 
 
 def micro_batches(
-    exp: Experience, how: MicroBatching, ps: ParallelState, per_token: dict | None = None
+    exp: Experience,
+    how: MicroBatching,
+    ps: ParallelState,
+    per_token: dict | None = None,
+    outputs: str = "response",
 ) -> list[dict]:
-    """The schedule's micro-batches of `exp`: model inputs of whole packed rows, plus "packed"
-    ({"labels", and every `per_token` [b, T] tensor laid out [r, width]}), "rows" (the range of
-    layout rows) and "filler" (True for the padding micro-batches that equalize the count over
-    DP: one row of padding, labels ignored, per-token tensors 0)."""
+    """The schedule's micro-batches of `exp`: model inputs of whole packed rows, and
+
+        output_index  [N] flat positions (within the micro-batch) the head runs on: where a
+                      response token is predicted ("response"), each sequence's last token
+                      ("last"), or every position ("all": no index);
+        packed        {"labels", and every `per_token` [b, T] tensor} at those positions, [N];
+        out_index     [N] the same positions in the whole layout's flat [R * width];
+        filler        True for the padding micro-batches that equalize the count over DP (one
+                      row of padding, nothing predicted).
+    """
     layout = exp.layout(how.pack, how.pad_id)
     groups = row_groups(layout.rows, layout.width, how.budget(layout.width))
     count = dp_max(len(groups), ps)
-    packed = {"labels": layout.labels}
-    packed.update({k: layout.to_packed(v, exp.mask) for k, v in (per_token or {}).items()})
+    flat = {"labels": layout.labels.reshape(-1)}
+    for k, v in (per_token or {}).items():
+        flat[k] = layout.to_packed(v, exp.mask).reshape(-1)
+    wanted = _wanted_positions(layout, outputs)
     out = []
     for g in groups + [None] * (count - len(groups)):
-        rows = slice(g.start, g.stop) if g is not None else slice(0, 1)
+        rows = range(g.start, g.stop) if g is not None else range(0, 1)
+        lo, hi = rows.start * layout.width, rows.stop * layout.width
+        idx = wanted[(wanted >= lo) & (wanted < hi)] if g is not None else wanted[:0]
         mb = {
-            "input_ids": layout.input_ids[rows],
-            "position_ids": layout.position_ids[rows],
-            "packed": {k: v[rows] for k, v in packed.items()},
-            "rows": g,
+            "input_ids": layout.input_ids[rows.start : rows.stop],
+            "position_ids": layout.position_ids[rows.start : rows.stop],
             "filler": g is None,
+            "out_index": idx,
         }
+        if outputs != "all":
+            mb["output_index"] = idx - lo
+        mb["packed"] = {k: v[idx] for k, v in flat.items()}
         if not layout.one_per_row:
-            mb["segment_ids"] = layout.segment_ids[rows]
-        if g is None:  # nothing to learn from, nothing to report
-            mb["packed"] = {k: torch.zeros_like(v) for k, v in mb["packed"].items()}
-            mb["packed"]["labels"] = torch.full_like(mb["packed"]["labels"], IGNORE)
+            mb["segment_ids"] = layout.segment_ids[rows.start : rows.stop]
         out.append(mb)
     return out
+
+
+def _wanted_positions(layout: PackedLayout, outputs: str) -> torch.Tensor:
+    """Sorted flat positions whose outputs a pass reads."""
+    if outputs == "response":
+        return (layout.labels.reshape(-1) != IGNORE).nonzero().squeeze(-1)
+    if outputs == "last":
+        return layout.last_index.sort().values
+    if outputs == "all":
+        return torch.arange(layout.rows * layout.width)
+    raise ValueError(f"outputs={outputs!r}: not response | last | all")
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -193,7 +217,7 @@ class RewardModelScorer:
 
     def __call__(self, exp: Experience, samples: list[Sample], maker) -> torch.Tensor:
         with self.model.use() as model:
-            scores = maker._forward(model, exp, scalar_output)
+            scores = maker._forward(model, exp, scalar_output, outputs="last")
         return maker._layout(exp).at_last_token(scores)
 
 
@@ -289,14 +313,14 @@ class ExperienceMaker:
             self.actor, exp, lambda out, mb: torch.stack(self._logprobs(out, mb, True), -1), (2,)
         )
         self.actor.train(True)
-        both = self._layout(exp).from_packed(both, exp.mask)
+        both = self._layout(exp).from_flat(both, exp.mask)
         return both[..., 0], both[..., 1]
 
     def compute_ref_log_prob(self, exp: Experience) -> torch.Tensor:
         """The reference model's log-probs [b, T] of the sampled tokens."""
         with self.reference.use() as reference:
             logp = self._forward(reference, exp, self._logprobs)
-        return self._layout(exp).from_packed(logp, exp.mask)
+        return self._layout(exp).from_flat(logp, exp.mask)
 
     def compute_values(self, exp: Experience) -> torch.Tensor:
         """Critic values [b, T] of the state before each response token (zeros without one)."""
@@ -305,7 +329,7 @@ class ExperienceMaker:
         self.critic.train(False)
         values = self._forward(self.critic, exp, scalar_output)
         self.critic.train(True)
-        return self._layout(exp).from_packed(values, exp.mask)
+        return self._layout(exp).from_flat(values, exp.mask)
 
     def compute_scores(self, exp: Experience, samples: list[Sample]) -> torch.Tensor:
         """Reward [b] of each whole response."""
@@ -375,21 +399,27 @@ class ExperienceMaker:
             "logprob_mismatch": world_max(float(gap), self.ps),
         }
 
-    def _forward(self, model, exp: Experience, fn, trailing=()) -> torch.Tensor:
-        """Forward-only pass over `exp`'s packed micro-batches; fn(out, mb) -> [r, width, ...]
-        per position; the whole [R, width, *trailing] on every stage."""
-        mbs = micro_batches(exp, self.batching, self.ps)
+    def _forward(self, model, exp: Experience, fn, trailing=(), outputs="response"):
+        """Forward-only pass over `exp`'s packed micro-batches, the head run only where
+        `outputs` says; fn(out, mb) -> [N, ...] per output position; the whole layout's
+        [R * width, *trailing] (0 where nothing was read) on every stage."""
+        mbs = micro_batches(exp, self.batching, self.ps, outputs=outputs)
         stats = self.fwd_bwd(
             model=model,
             micro_batches=mbs,
-            loss_fn=lambda out, mb: (None, {"x": fn(out, mb), "filler": mb["filler"]}),
+            loss_fn=lambda out, mb: (None, {"x": fn(out, mb)}),
             ps=self.ps,
             forward_only=True,
         )
-        parts = [s["x"] for s in stats if not s["filler"]]
-        t = torch.cat(parts) if parts else None
-        layout = exp.layout(self.batching.pack, self.batching.pad_id)
-        return from_last_stage(t, (layout.rows, layout.width, *trailing), self.ps)
+        layout = self._layout(exp)
+        full = None
+        if stats:  # the last stage
+            first = stats[0]["x"]
+            full = first.new_zeros(layout.rows * layout.width, *first.shape[1:])
+            for mb, st in zip(mbs, stats, strict=True):
+                idx = mb["out_index"]
+                full[idx] = st["x"].reshape(len(idx), *full.shape[1:])
+        return from_last_stage(full, (layout.rows * layout.width, *trailing), self.ps)
 
     def _layout(self, exp: Experience) -> PackedLayout:
         return exp.layout(self.batching.pack, self.batching.pad_id)

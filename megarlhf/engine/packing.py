@@ -84,17 +84,16 @@ class PackedLayout:
         out[self.resp_index[keep]] = x[keep]
         return out.view(self.rows, self.width)
 
-    def from_packed(self, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[R, width, ...] per-position values as [b, T, ...] per response token (0 outside
+    def from_flat(self, flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[R * width, ...] per-position values as [b, T, ...] per response token (0 outside
         `mask`)."""
-        flat = y.reshape(self.rows * self.width, *y.shape[2:])
         out = flat[self.resp_index]
         m = mask.to(out.dtype).view(*mask.shape, *([1] * (out.dim() - 2)))
         return out * m
 
-    def at_last_token(self, y: torch.Tensor) -> torch.Tensor:
-        """[R, width, ...] per-position values read at each sequence's last token: [b, ...]."""
-        return y.reshape(self.rows * self.width, *y.shape[2:])[self.last_index]
+    def at_last_token(self, flat: torch.Tensor) -> torch.Tensor:
+        """[R * width, ...] per-position values read at each sequence's last token: [b, ...]."""
+        return flat[self.last_index]
 
 
 def build_layout(

@@ -336,6 +336,7 @@ class GPTModel(nn.Module):
         segment_ids: torch.Tensor | None = None,
         kv_cache=None,
         last_only: bool = False,
+        output_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run this stage.
 
@@ -348,6 +349,9 @@ class GPTModel(nn.Module):
             kv_cache: a KVCache; the new keys/values are appended and attended after the old.
             last_only: on the last stage, the head runs on the last position only (output
                 [b, 1, ...]): a generation prefill needs only the next token's logits.
+            output_index: [N] flat indices into the b * s positions: the head runs on those
+                only (output [N, ...]); PPO reads logits only where a response token is
+                predicted, so the prompt positions cost no head matmul, forward or backward.
         Returns:
             On the last stage: the logits shard [b, s, padded_vocab / tp] (head "lm") or scores
             [b, s, num_head_outputs] (head "scalar"); on other stages hidden [b, s, h].
@@ -376,6 +380,8 @@ class GPTModel(nn.Module):
             return x
         if last_only:
             x = x[:, -1:]
+        if output_index is not None:
+            x = x.reshape(-1, x.shape[-1]).index_select(0, output_index)
         if self.cfg.head == "scalar":
             return self.head(self.final_norm(x))
         return self.logits(self.final_norm(x))

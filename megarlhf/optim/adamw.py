@@ -28,10 +28,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(groups: list[dict], optim: OptimConfig) -> torch.optim.Optimizer:
-    """torch AdamW, or DeepSpeed's FusedAdam on CUDA when `optim.impl=auto` and it loads."""
+def build_optimizer(
+    groups: list[dict], optim: OptimConfig, dtype: str = "fp32"
+) -> torch.optim.Optimizer:
+    """The AdamW of `optim.impl` (see OptimConfig) for a model computing in `dtype`.
+
+    All are decoupled-weight-decay Adam over the same groups; they differ in the order of their
+    floating-point operations (tests/optim: equal to 1e-6 over several steps), and in speed.
+    """
     kw = dict(lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
-    if optim.impl == "auto" and torch.cuda.is_available():
+    impl = optim.impl
+    if impl == "auto" and torch.cuda.is_available():
         try:
             from deepspeed.ops.adam import FusedAdam
 
@@ -39,4 +46,10 @@ def build_optimizer(groups: list[dict], optim: OptimConfig) -> torch.optim.Optim
         except Exception as e:  # no compiler / CUDA toolkit: fall back, loudly
             logger.warning("DeepSpeed FusedAdam unavailable (%s); using torch AdamW", e)
             return torch.optim.AdamW(groups, fused=True, **kw)
-    return torch.optim.AdamW(groups, **kw)
+    if impl == "auto":
+        impl = "fused" if dtype == "bf16" else "torch"
+    if impl == "cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+    return torch.optim.AdamW(groups, fused=impl == "fused", **kw)

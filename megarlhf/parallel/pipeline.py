@@ -45,7 +45,8 @@ LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor | None, dict]]
 BackwardFn = Callable[[torch.Tensor, torch.Tensor | None], None]
 
 # Tensors of a micro-batch passed to the model at every stage (input_ids only at the first).
-_STAGE_INPUTS = ("attention_mask", "position_ids", "segment_ids")
+# (output_index only matters to the last stage: the positions its head runs on.)
+_STAGE_INPUTS = ("attention_mask", "position_ids", "segment_ids", "output_index")
 SCHEDULES = ("1f1b", "interleaved")
 
 

@@ -71,6 +71,42 @@ def measure_matmul_tflops(
     return 2.0 * n**3 / best / 1e12
 
 
+def fast_bf16_device() -> bool:
+    """Whether this machine's matmuls run bf16 faster than fp32: a CUDA device with bf16, or a
+    CPU with AMX-BF16 or AVX512-BF16 (oneDNN's bf16 kernels; measured 4-8x fp32 there)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("amx_bf16", "avx512_bf16"))
+
+
+def measured_peak(dtype: str, device: str = "cpu", n: int = 2048) -> tuple[float, str]:
+    """(peak TFLOPs of an [n, n] matmul in `dtype` here, what it is): the MFU denominator in the
+    run's own dtype."""
+    tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    tflops = measure_matmul_tflops(n, dtype=tdtype, device=device)
+    where = "this CPU" if device == "cpu" else torch.cuda.get_device_name()
+    return tflops, f"measured {dtype} torch.matmul {n}^3 on {where} (best of 5)"
+
+
+def phase_mfu(records: list[dict], flops: dict, world: int, peak: float) -> dict:
+    """MFU of the training phase (actor and critic updates) and of the generation phase, each its
+    FLOPs over its own measured time."""
+    def mfu(time_keys, flops_keys):
+        t = mean([sum(r[k] for k in time_keys) for r in records])
+        f = sum(flops[k] for k in flops_keys)
+        return f / t / world / 1e12 / peak if t > 0 else 0.0
+
+    return {
+        "train_mfu": mfu(("time_update_actor", "time_update_critic"),
+                         ("actor_update", "critic_update")),
+        "generate_mfu": mfu(("time_generate",), ("generate",)),
+    }  # fmt: skip
+
+
 def peak_memory_bytes() -> tuple[int, str]:
     """(peak bytes of this process, what was measured).
 
@@ -181,9 +217,10 @@ def hf_config_of(cfg, pad_id: int, eos_id: int):
     return AutoConfig.for_model(d.pop("model_type"), **d)
 
 
-def to_hf_causal_lm(model, workdir: str | Path):
+def to_hf_causal_lm(model, workdir: str | Path, dtype: torch.dtype = torch.float32):
     """The transformers causal LM holding exactly the weights of our single-rank GPTModel `model`
-    (saved as a megarlhf checkpoint, converted by `megarlhf_to_hf`, loaded by from_pretrained)."""
+    (saved as a megarlhf checkpoint, converted by `megarlhf_to_hf`, loaded by from_pretrained in
+    `dtype`)."""
     from transformers import AutoModelForCausalLM
 
     from megarlhf.checkpoint.model_shards import save_model_shard
@@ -192,133 +229,5 @@ def to_hf_causal_lm(model, workdir: str | Path):
     ckpt, out = Path(workdir) / "ckpt", Path(workdir) / "hf"
     save_model_shard(ckpt, model.state_dict(), model.cfg, tp=1, tp_rank=0, pp=1, pp_rank=0)
     megarlhf_to_hf(ckpt, out, overwrite=True)
-    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=dtype)
     return hf.eval()
-
-
-def word_level_tokenizer(vocab: int, pad_id: int, eos_id: int):
-    """A transformers tokenizer over ids only ("t0".."t{vocab-1}"): what TRL needs from a
-    tokenizer here is pad / EOS ids and padding in its collator."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    words = {f"t{i}": i for i in range(vocab)}
-    unk = next(w for w, i in words.items() if i not in (pad_id, eos_id))
-    tok = Tokenizer(models.WordLevel(words, unk_token=unk))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=f"t{pad_id}", eos_token=f"t{eos_id}", unk_token=unk
-    )
-
-
-class IterationTimer:
-    """Wall time of each TRL PPO iteration, from the start of `train()` (on_train_begin) or the
-    previous iteration's end to this iteration's on_step_end (TRL calls it once per rollout + PPO
-    epochs, after its metrics logging). Mixed into a TrainerCallback by `build_trl_ppo`."""
-
-    def __init__(self):
-        self.times: list[float] = []
-        self._t = 0.0
-
-    def on_train_begin(self, *args, **kwargs):
-        self._t = time.perf_counter()
-
-    def on_step_end(self, *args, **kwargs):
-        now = time.perf_counter()
-        self.times.append(now - self._t)
-        self._t = now
-
-
-def _trl_models(cfg, pad_id: int, eos_id: int, seed: int):
-    """Random-init policy, reference (the policy's weights), value and reward models of `cfg`."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    torch.manual_seed(seed)
-    hf_cfg = hf_config_of(cfg, pad_id, eos_id)
-    policy = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
-    ref.load_state_dict(policy.state_dict())
-    value = AutoModelForSequenceClassification.from_config(hf_cfg, dtype=torch.float32)
-    reward = AutoModelForSequenceClassification.from_config(hf_cfg, dtype=torch.float32)
-    policy.generation_config.pad_token_id = pad_id
-    return policy, ref, value, reward
-
-
-def build_trl_ppo(
-    cfg,
-    prompts: list[list[int]],
-    *,
-    response_len: int,
-    ppo_epochs: int,
-    num_minibatches: int,
-    lr: float,
-    kl_coef: float,
-    seed: int,
-    output_dir: str | Path,
-    pad_id: int = 0,
-    eos_id: int = 3,
-):
-    """TRL's PPOTrainer (trl.experimental.ppo) at our configuration, one process on CPU, fp32.
-
-    Policy, reference (a separate model, so a separate reference forward as ours), value and
-    reward models are random-init transformers models of `cfg`'s dims (value and reward as
-    AutoModelForSequenceClassification with one label). No stop token and no EOS in the
-    generation config: every response is exactly `response_len` tokens. Batch = len(prompts),
-    one micro-batch per minibatch, rollout forwards over the whole batch at once.
-
-    Returns:
-        (trainer, IterationTimer registered on it).
-    """
-    import datasets
-    from transformers import TrainerCallback
-    from transformers.trainer_callback import PrinterCallback
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
-
-    policy, ref, value, reward = _trl_models(cfg, pad_id, eos_id, seed)
-    batch = len(prompts)
-    args = PPOConfig(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=batch // num_minibatches,
-        gradient_accumulation_steps=1,
-        num_mini_batches=num_minibatches,
-        num_ppo_epochs=ppo_epochs,
-        response_length=response_len,
-        local_rollout_forward_batch_size=batch,
-        stop_token=None,
-        missing_eos_penalty=None,
-        total_episodes=batch * 1_000_000,
-        num_sample_generations=0,
-        temperature=1.0,
-        kl_coef=kl_coef,
-        kl_estimator="k1",
-        learning_rate=lr,
-        bf16=False,
-        fp16=False,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=seed,
-    )
-    data = datasets.Dataset.from_dict({"input_ids": prompts})
-    timer = type("IterationTimerCallback", (IterationTimer, TrainerCallback), {})()
-    trainer = PPOTrainer(
-        args=args,
-        processing_class=word_level_tokenizer(cfg.vocab_size, pad_id, eos_id),
-        model=policy,
-        ref_model=ref,
-        reward_model=reward,
-        train_dataset=data,
-        eval_dataset=data,
-        value_model=value,
-        callbacks=[timer],
-    )
-    trainer.remove_callback(PrinterCallback)
-    return trainer, timer
-
-
-def run_trl_iterations(trainer, timer: IterationTimer, n: int) -> list[float]:
-    """Run n PPO iterations of a `build_trl_ppo` trainer; their wall times."""
-    start = len(timer.times)
-    trainer.args.num_total_batches = n
-    trainer.train()
-    return timer.times[start:]
