@@ -8,6 +8,11 @@ Log-prob semantics: the returned log-probs are those of the *temperature-scaled*
 log softmax(logits / T), before top-k/top-p truncation; greedy decoding (T = 0) reports
 log softmax(logits). PPO recomputes exactly this quantity in training, so the two agree.
 Tokens after a row's EOS are padding, masked out (mask False, log-prob 0).
+
+`vocab_limit` keeps sampling to the ids a tokenizer has when the model's vocabulary is larger (a
+model padded to a round size, or trained with a bigger tokenizer): the gathered logits are cut to
+[:, :vocab_limit] on every rank alike, so ids >= vocab_limit are never sampled, the log-probs are
+those of the distribution over ids < vocab_limit, and TP=N still picks what TP=1 picks.
 """
 
 from __future__ import annotations
@@ -108,6 +113,23 @@ def sample_tokens(
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
+def _check_request(cfg, prompt_len: int, new_tokens: int, vocab_limit: int | None) -> int:
+    """Refuse a sequence longer than the model's context or a limit outside its vocabulary;
+    return the number of ids to sample from."""
+    if prompt_len + new_tokens > cfg.max_seq_len:
+        raise ValueError(
+            f"prompt length {prompt_len} + max_new_tokens {new_tokens} exceeds model.max_seq_len "
+            f"{cfg.max_seq_len}"
+        )
+    limit = cfg.vocab_size if vocab_limit is None else vocab_limit
+    if not 1 <= limit <= cfg.vocab_size:
+        raise ValueError(
+            f"vocab_limit {vocab_limit} is outside 1..model.vocab_size ({cfg.vocab_size}): the "
+            "model has no logits for ids beyond its vocabulary"
+        )
+    return limit
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -117,6 +139,7 @@ def generate(
     eos_id: int | None,
     pad_id: int,
     generator: torch.Generator | None = None,
+    vocab_limit: int | None = None,
 ) -> GenerationOutput:
     """Sample responses for a batch of left-padded prompts.
 
@@ -129,6 +152,12 @@ def generate(
         pad_id: filler after EOS.
         generator: CPU generator for the uniform draws; default seeded from gen.seed. It must
             be seeded identically on every rank of a TP group.
+        vocab_limit: sample only ids < vocab_limit (the tokenizer's vocabulary size); None:
+            every id of model.vocab_size.
+
+    Raises:
+        ValueError: a model without every layer, a sequence longer than model.max_seq_len, or a
+            vocab_limit outside 1..model.vocab_size.
     """
     if not (model.pre_process and model.post_process):
         raise ValueError("generate() needs a model holding every layer (pipeline size 1)")
@@ -137,10 +166,7 @@ def generate(
     cfg, ps = model.cfg, model.ps
     b, p = prompt_ids.shape
     n = gen.max_new_tokens
-    if p + n > cfg.max_seq_len:
-        raise ValueError(
-            f"prompt length {p} + max_new_tokens {n} exceeds model.max_seq_len {cfg.max_seq_len}"
-        )
+    limit = _check_request(cfg, p, n, vocab_limit)
     device = prompt_ids.device
     cache = KVCache(
         model.num_local_layers,
@@ -160,7 +186,9 @@ def generate(
     next_pos = prompt_mask.long().sum(-1)  # position of the first response token per row
     logits = model(prompt_ids, attention_mask=prompt_mask, kv_cache=cache, last_only=True)[:, -1]
     for t in range(n):
-        full = gather_from_tensor_parallel_region(logits, ps.tp_group)[:, : cfg.vocab_size]
+        # [b, padded vocab / tp] shards -> [b, padded vocab] -> [b, limit]: no padding row and
+        # no id the tokenizer lacks can be drawn.
+        full = gather_from_tensor_parallel_region(logits, ps.tp_group)[:, :limit]
         tok, lp = sample_tokens(full, gen, generator)
         responses[:, t] = torch.where(alive, tok, torch.full_like(tok, pad_id))
         logprobs[:, t] = torch.where(alive, lp, torch.zeros_like(lp))
