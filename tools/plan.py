@@ -10,6 +10,9 @@ setup, by phase (rollout, experience, training), whether it fits, and the step t
 --model is a preset name in configs/models/ or a YAML path; `model.key=value` arguments override
 it. DP is world / (tp * pp) when --dp is omitted. The model and its formulas (and how they were
 checked against measured peaks) are in megarlhf/perf/memory.py and docs/plan.md.
+
+Exit status: 0 when the job fits, 1 when it does not, 2 for a bad input (one line `plan.py:
+error: --flag: why`; a malformed command line also prints the usage, as argparse does).
 """
 
 from __future__ import annotations
@@ -25,10 +28,18 @@ sys.path.insert(0, str(ROOT))
 from megarlhf.config import ConfigError, ModelFileConfig, load_config  # noqa: E402
 from megarlhf.perf.memory import GIB, ROLES, Plan, PlanError, PlanSpec, plan  # noqa: E402
 
+PROG = "plan.py"
+
+
+def fail(message: str):
+    """A bad input: one line naming the flag, exit 2 (argparse's status, without the usage)."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
 
 def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     p = argparse.ArgumentParser(
-        prog="plan.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     a = p.add_argument
     a("--model", required=True, help="preset name in configs/models/ or a YAML path")
@@ -69,29 +80,29 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     return p, p.parse_args(argv)
 
 
-def load_model(parser: argparse.ArgumentParser, name: str, overrides: list[str]):
+def load_model(name: str, overrides: list[str]):
     path = Path(name)
     if path.suffix not in (".yaml", ".yml"):
         path = ROOT / "configs" / "models" / f"{name}.yaml"
         if not path.exists():
             presets = sorted(q.stem for q in (ROOT / "configs" / "models").glob("*.yaml"))
-            parser.error(f"--model: no preset {name!r} (presets: {', '.join(presets)})")
+            fail(f"--model: no preset {name!r} (presets: {', '.join(presets)})")
     bad = [o for o in overrides if not o.startswith("model.")]
     if bad:
-        parser.error(f"overrides: only model.key=value is accepted, got {' '.join(bad)}")
+        fail(f"overrides: only model.key=value is accepted, got {' '.join(bad)}")
     try:
         return load_config(ModelFileConfig, path, overrides).model
     except ConfigError as e:
-        parser.error(f"--model: {e}")
+        fail(f"--model: {e}")
 
 
-def build_spec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> PlanSpec:
-    model = load_model(parser, args.model, args.overrides)
+def build_spec(args: argparse.Namespace) -> PlanSpec:
+    model = load_model(args.model, args.overrides)
     world = args.nodes * args.gpus_per_node
     dp = args.dp
     if dp is None:
         if args.tp < 1 or args.pp < 1 or world % (args.tp * args.pp):
-            parser.error(
+            fail(
                 f"--tp/--pp: tp * pp = {args.tp} * {args.pp} does not divide the world size "
                 f"--nodes * --gpus-per-node = {world}"
             )
@@ -129,8 +140,12 @@ def build_spec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Pla
     try:
         return PlanSpec(**fields)
     except PlanError as e:
-        flag = "--" + e.field.replace("_", "-")
-        parser.error(f"{flag}: {str(e).split(': ', 1)[1]}")
+        fail(flag_message(e))
+
+
+def flag_message(e: PlanError) -> str:
+    """'--gen-tp: why' from a PlanError on field gen_tp."""
+    return f"--{e.field.replace('_', '-')}: {str(e).split(': ', 1)[-1]}"
 
 
 def _g(x: float) -> str:
@@ -180,8 +195,12 @@ def render(result: Plan) -> str:
 
 
 def main(argv=None) -> int:
-    parser, args = parse_args(argv)
-    result = plan(build_spec(parser, args))
+    _, args = parse_args(argv)
+    spec = build_spec(args)
+    try:
+        result = plan(spec)
+    except PlanError as e:
+        fail(flag_message(e))
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:

@@ -5,6 +5,9 @@ Layout of a checkpoint directory `<dir>`:
     <dir>/model/meta.json                    {"format": 1, "tp": T, "pp": P,
                                               "model": <ModelConfig>, "padded_vocab_size": Vp}
     <dir>/model/tp{t:02d}_pp{p:02d}.safetensors   rank (t, p)'s shards, under GLOBAL names
+    <dir>/model/checksums.json               size and checksum of every file above, written last
+                                             (`ModelShardsWriter`; `checksums.tpXX_ppYY.json`
+                                             per rank file from `save_model_shard` on its own)
 
 Names are the model's full parameter names (`layers.{i}.…` with the global layer index), so a file
 says by itself which layers it holds, and tensor shapes are the rank's LOCAL shard shapes. The word
@@ -20,11 +23,18 @@ a different layout instead of silently re-sharding optimizer-less weights.
 
 Files are read and written tensor by tensor (`safetensors_io`), so loading and converting never hold
 more than one full tensor beyond the rank's own weights.
+
+Integrity: every file read (meta.json, each rank file opened) is first checked against its
+recorded checksum (`checksums.py`): the enclosing atomic checkpoint's COMPLETE.json when the
+directory is (or is a subfolder of) a training `step_N`, else the sidecars in `model/`. A corrupt
+file raises CorruptCheckpointError naming it; a directory written before checksums existed loads
+unchecked (a debug log line).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
@@ -34,7 +44,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from megarlhf.checkpoint.errors import CheckpointError
+from megarlhf.checkpoint import checksums
+from megarlhf.checkpoint.atomic import MANIFEST as ATOMIC_MANIFEST
+from megarlhf.checkpoint.atomic import find_latest
+from megarlhf.checkpoint.errors import CheckpointError, CorruptCheckpointError
 from megarlhf.checkpoint.safetensors_io import SafetensorsFile, SafetensorsStreamWriter
 from megarlhf.config import ConfigError, ModelConfig, from_dict, to_dict
 from megarlhf.model.gpt import layer_range, padded_vocab_size, sharding_plan, stage_param_names
@@ -47,6 +60,8 @@ META_FILE = "meta.json"
 VOCAB_PARAMS = ("embedding.word.weight", "output.weight")
 TIED_OUTPUT, TIED_SOURCE = "output.weight", "embedding.word.weight"
 RESHARD_HINT = "tools/convert_hf.py --reshard"
+
+logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- paths and meta
 
@@ -88,10 +103,60 @@ def write_meta(ckpt_dir: str | Path, cfg: ModelConfig, tp: int, pp: int) -> Path
     return path
 
 
+def recorded_entries(ckpt_dir: str | Path) -> dict[str, dict] | None:
+    """{path relative to `ckpt_dir` ("model/..."): {"size", "checksum"}} recorded for its model
+    files, or None when nothing is (a directory written before checksums existed).
+
+    Sources, first found wins: the COMPLETE.json of the atomic checkpoint `ckpt_dir` is or is a
+    subfolder of (`step_N/`, `step_N/critic/`), then the sidecars `model/checksums*.json`.
+
+    Raises:
+        CorruptCheckpointError: an unreadable sidecar.
+    """
+    d = Path(ckpt_dir).absolute()
+    for base in (d, d.parent):
+        try:
+            manifest = json.loads((base / ATOMIC_MANIFEST).read_text())
+            sizes, sums = manifest["files"], manifest.get("checksums") or {}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        prefix = d.relative_to(base).as_posix()
+        prefix = "" if prefix == "." else f"{prefix}/"
+        mine = {
+            rel[len(prefix) :]: {"size": size, "checksum": sums.get(rel)}
+            for rel, size in sizes.items()
+            if rel.startswith(f"{prefix}{MODEL_SUBDIR}/")
+        }
+        if mine:
+            return mine if sums else None
+    entries, problems = checksums.read_sidecars(d / MODEL_SUBDIR)
+    if problems:
+        raise CorruptCheckpointError(problems[0])
+    return {f"{MODEL_SUBDIR}/{n}": e for n, e in entries.items()} or None
+
+
+def recorded_checksums(ckpt_dir: str | Path) -> dict[str, str] | None:
+    """{"model/...": checksum} of `recorded_entries`, or None when nothing is recorded."""
+    entries = recorded_entries(ckpt_dir)
+    if entries is None:
+        return None
+    return {rel: e.get("checksum") for rel, e in entries.items() if e.get("checksum")}
+
+
+def verify_model_file(ckpt_dir: str | Path, rel: str, recorded: dict[str, str] | None) -> None:
+    """Check `<ckpt_dir>/<rel>` against `recorded` (from `recorded_checksums`) before reading it."""
+    if recorded is None:
+        logger.debug("%s: no checksums recorded (written before checksums); not verified", ckpt_dir)
+        return
+    checksums.verify_file(Path(ckpt_dir) / rel, recorded.get(rel))
+
+
 def read_meta(ckpt_dir: str | Path) -> ModelShardsMeta:
-    """Read and validate `<dir>/model/meta.json`."""
+    """Read and validate `<dir>/model/meta.json` (checked against its checksum first)."""
     path = Path(ckpt_dir) / MODEL_SUBDIR / META_FILE
     try:
+        if path.is_file():
+            verify_model_file(ckpt_dir, f"{MODEL_SUBDIR}/{META_FILE}", recorded_checksums(ckpt_dir))
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(
@@ -193,12 +258,15 @@ def save_model_shard(
     tp_rank: int,
     pp: int,
     pp_rank: int,
+    record_checksums: bool = True,
 ) -> Path:
     """Save one rank's model state dict (global names, local shard shapes) into `<dir>/model/`.
 
     Checks that the names are exactly those of stage `pp_rank` and every shape is the rank's shard
     shape, so a wrong layout cannot be written. The file is written to a temp name and renamed;
     rank (0, 0) also writes meta.json. Extra non-parameter entries are an error, not skipped.
+    With `record_checksums` (off inside an atomic checkpoint, whose manifest records them) the
+    rank's sidecar `model/checksums.tpXX_ppYY.json` then records its files' sizes and checksums.
 
     Returns:
         The path of the rank file.
@@ -228,8 +296,13 @@ def save_model_shard(
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=_rank_metadata(tp, tp_rank, pp, pp_rank))
     os.replace(tmp, path)
+    names = [path.name]
     if tp_rank == 0 and pp_rank == 0:
         write_meta(ckpt_dir, cfg, tp, pp)
+        names.append(META_FILE)
+    if record_checksums:
+        sidecar = path.parent / f"checksums.{path.name.removesuffix('.safetensors')}.json"
+        checksums.write_sidecar(sidecar, checksums.sidecar_entries(path.parent, names))
     return path
 
 
@@ -243,6 +316,7 @@ class ModelShardsReader:
     def __init__(self, ckpt_dir: str | Path):
         self.ckpt_dir = Path(ckpt_dir)
         self.meta = read_meta(ckpt_dir)
+        self._checksums = recorded_checksums(ckpt_dir)
         self.cfg = self.meta.model
         self._plan = sharding_plan(self.cfg, self.meta.tp)
         self._stack = ExitStack()
@@ -277,7 +351,9 @@ class ModelShardsReader:
                 raise CheckpointError(
                     f"{path}: missing (meta.json says tp={self.meta.tp}, pp={self.meta.pp})"
                 )
+            # The header first (a truncated file is reported as such), then the content.
             f = self._stack.enter_context(SafetensorsFile(path))
+            verify_model_file(self.ckpt_dir, f"{MODEL_SUBDIR}/{path.name}", self._checksums)
             md = f.metadata()
             want = _rank_metadata(self.meta.tp, tp_rank, self.meta.pp, pp_rank)
             if any(md.get(k) != v for k, v in want.items() if k != "format"):
@@ -400,6 +476,8 @@ class ModelShardsWriter:
         self._plan = layout_plan(cfg, tp, pp)
         self._vp = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp)
         (self.ckpt_dir / MODEL_SUBDIR).mkdir(parents=True, exist_ok=True)
+        for stale in (self.ckpt_dir / MODEL_SUBDIR).glob(checksums.SIDECAR_GLOB):
+            stale.unlink()  # would describe files this writer replaces
         self._writers: list[SafetensorsStreamWriter] = []
         # Stored full name -> [(rank file writer, name in that file, tp rank)].
         self._targets: dict[str, list] = {}
@@ -444,10 +522,16 @@ class ModelShardsWriter:
             writer.write(target, _shard_view(full, self._plan[target], t))
 
     def close(self) -> None:
-        """Finish every file (checking nothing is missing) and write meta.json last."""
+        """Finish every file (checking nothing is missing), write meta.json, and last
+        `model/checksums.json` with every file's size and checksum."""
         for w in self._writers:
             w.close()
         write_meta(self.ckpt_dir, self.cfg, self.tp, self.pp)
+        folder = self.ckpt_dir / MODEL_SUBDIR
+        names = [w.path.name for w in self._writers] + [META_FILE]
+        checksums.write_sidecar(
+            folder / checksums.SIDECAR, checksums.sidecar_entries(folder, names)
+        )
 
     def abort(self) -> None:
         for w in self._writers:
@@ -472,6 +556,36 @@ def _local_shape(full_shape, spec: ShardSpec | None, tp_rank: int) -> tuple[int,
     return tuple(shape)
 
 
+def check_model_shards(ckpt_dir: str | Path) -> checksums.Report:
+    """Every problem of a model-shard directory, reading no tensor: meta.json unreadable, a rank
+    file its layout implies missing, a recorded file missing or of another size or content."""
+    d = Path(ckpt_dir)
+    report = checksums.Report()
+    try:
+        entries = recorded_entries(d)
+    except CorruptCheckpointError as e:
+        report.problems.append(str(e))
+        entries = None
+    if entries is None:
+        report.notes.append(f"{d}: no checksums recorded (written before checksums): sizes unknown")
+    listed = dict(entries or {})
+    meta_path = d / MODEL_SUBDIR / META_FILE
+    try:
+        raw = json.loads(meta_path.read_text())
+        tp, pp = int(raw["tp"]), int(raw["pp"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        report.problems.append(f"{meta_path}: unreadable ({e})")
+        tp = pp = 0
+    for rel in [f"{MODEL_SUBDIR}/{META_FILE}"] + [
+        f"{MODEL_SUBDIR}/{rank_file_name(t, p)}" for p in range(pp) for t in range(tp)
+    ]:
+        if entries is not None and rel not in listed:
+            report.notes.append(f"{d / rel}: no checksum recorded")
+        listed.setdefault(rel, {})
+    report.add(d, listed)
+    return report
+
+
 def resolve_checkpoint_dir(path: str | Path) -> Path:
     """The directory holding `model/meta.json` that `path` designates.
 
@@ -479,8 +593,6 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     checkpoints root (its latest complete step, via the `latest` pointer), or a training run's
     output directory (the latest complete step under `checkpoints/`).
     """
-    from megarlhf.checkpoint.atomic import find_latest
-
     path = Path(path)
     if (path / MODEL_SUBDIR / META_FILE).is_file():
         return path

@@ -29,6 +29,12 @@ is that the weights are stored twice (in DeepSpeed's module file and in our safe
 the shards are the portable copy. Resume reads weights from DeepSpeed's copy. Frozen models (the
 PPO reference and reward model) are not saved: they are reloaded from their own paths.
 
+Integrity: every file's checksum is in COMPLETE.json (`atomic.py`); `load_checkpoint` checks the
+files this rank is about to read (its DeepSpeed files, loop state and RNG state) before DeepSpeed
+or torch unpickles them, so a corrupt file is named instead of failing deep inside a loader. A
+first save checks the free space against the state about to be written (`expected_bytes`), later
+ones against the previous checkpoint's size.
+
 Resume needs the same TP, PP and DP sizes (ZeRO partitions depend on all three); a different
 TP/PP layout is refused with a pointer to the re-sharding tool, which re-shards the weights only.
 """
@@ -37,7 +43,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -45,7 +52,7 @@ import torch.distributed as dist
 
 from megarlhf.checkpoint import atomic
 from megarlhf.checkpoint.model_shards import RESHARD_HINT, save_model_shard
-from megarlhf.checkpoint.rng import load_rng_state, save_rng_state
+from megarlhf.checkpoint.rng import load_rng_state, rng_file, save_rng_state
 from megarlhf.config import save_config
 from megarlhf.optim.deepspeed_model import DS_SUBDIR, DS_TAG, DeepSpeedModel
 from megarlhf.parallel.state import ParallelState
@@ -56,6 +63,10 @@ CHECKPOINTS_DIR = "checkpoints"
 TRAINER_DIR = "trainer"
 TRAINER_JSON = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
+# DeepSpeed's per-rank file names: `[bf16_]zero_pp_rank_{dp}_mp_rank_{mp:02d}_*` (ZeRO partitions,
+# read by their own DP rank) and `mp_rank_{mp:02d}_*` (the module, read by every DP rank).
+_DS_ZERO_RE = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_mp_rank_(\d+)_")
+_DS_MP_RE = re.compile(r"^mp_rank_(\d+)_")
 
 
 class ResumeError(RuntimeError):
@@ -70,19 +81,43 @@ def _rank_file(ckpt_dir: Path, rank: int) -> Path:
     return ckpt_dir / TRAINER_DIR / f"rank_{rank:05d}.pt"
 
 
+def _deepspeed_owner(name: str) -> tuple[int | None, int] | None:
+    """(DP rank or None for every DP rank, model-parallel rank) of a DeepSpeed file name, or None
+    for files of no rank (e.g. its helper scripts)."""
+    m = _DS_ZERO_RE.search(name)
+    if m:
+        return int(m.group(1)), int(m.group(2))
+    m = _DS_MP_RE.match(name)
+    return (None, int(m.group(1))) if m else None
+
+
 def _deepspeed_files(tmp: Path, ps: ParallelState, mp_rank: int) -> list[Path]:
-    """The DeepSpeed files this rank wrote (names carry the DP and model-parallel ranks)."""
+    """The DeepSpeed files this rank wrote (names carry the DP and model-parallel ranks; the
+    files every DP rank shares are DP rank 0's)."""
     mine = []
-    mp = f"mp_rank_{mp_rank:02d}"
     for p in sorted((tmp / DS_SUBDIR / DS_TAG).glob("*")):
-        if not p.is_file() or mp not in p.name:
-            continue
-        if p.name.startswith("zero_pp_rank_"):
-            if p.name.startswith(f"zero_pp_rank_{ps.dp_rank}_"):
-                mine.append(p)
-        elif ps.dp_rank == 0:
+        owner = _deepspeed_owner(p.name) if p.is_file() else None
+        if owner is not None and owner[1] == mp_rank and (owner[0] or 0) == ps.dp_rank:
             mine.append(p)
     return mine
+
+
+def _deepspeed_reads(files: Iterable[str], prefix: str, dp_rank: int, mp_rank: int, every_dp: bool):
+    """Of a checkpoint's files (relative paths), those DeepSpeed's load reads on this rank: the
+    module file of its model-parallel rank and its own ZeRO partition (every DP rank's with
+    elastic checkpoints)."""
+    folder = f"{prefix}{DS_SUBDIR}/{DS_TAG}/"
+    out = []
+    for rel in files:
+        name = rel.removeprefix(folder)
+        if name == rel or "/" in name:
+            continue
+        owner = _deepspeed_owner(name)
+        if owner is None or owner[1] != mp_rank:
+            continue
+        if owner[0] is None or owner[0] == dp_rank or every_dp:
+            out.append(rel)
+    return out
 
 
 def write_model_shard_files(tmp: Path, weights: dict, cfg, ps: ParallelState) -> list[Path]:
@@ -90,9 +125,17 @@ def write_model_shard_files(tmp: Path, weights: dict, cfg, ps: ParallelState) ->
     also meta.json); returns the files this rank wrote."""
     if ps.dp_rank != 0:
         return []
+    # No checksum sidecar: the atomic manifest records every file's checksum.
     files = [
         save_model_shard(
-            tmp, weights, cfg, tp=ps.tp_size, tp_rank=ps.tp_rank, pp=ps.pp_size, pp_rank=ps.pp_rank
+            tmp,
+            weights,
+            cfg,
+            tp=ps.tp_size,
+            tp_rank=ps.tp_rank,
+            pp=ps.pp_size,
+            pp_rank=ps.pp_rank,
+            record_checksums=False,
         )
     ]
     if ps.tp_rank == 0 and ps.pp_rank == 0:
@@ -105,6 +148,43 @@ def _write_model(tmp: Path, model: DeepSpeedModel, weights: dict, ps: ParallelSt
     model.save_state(tmp)
     files = _deepspeed_files(tmp, ps, model.mpu.get_model_parallel_rank())
     return files + write_model_shard_files(tmp, weights, model.module.cfg, ps)
+
+
+def _tensor_bytes(tensors: Iterable) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+def _optimizer_bytes(model: DeepSpeedModel, ps: ParallelState) -> int:
+    """Bytes of optimizer state this rank's DeepSpeed files hold: the inner optimizer's state
+    (Adam moments) and ZeRO's fp32 master partition. ZeRO 0 keeps it whole on every DP rank and
+    DP rank 0 writes it."""
+    if model.zero_stage == 0 and ps.dp_rank != 0:
+        return 0
+    opt = model.optimizer
+    inner = getattr(opt, "optimizer", opt)
+    total = sum(_tensor_bytes(st.values()) for st in getattr(inner, "state", {}).values())
+    fp32_copies = (  # ZeRO 1/2, ZeRO 3, bf16 without ZeRO
+        "single_partition_of_fp32_groups",
+        "fp32_partitioned_groups_flat",
+        "fp32_groups_flat_partition",
+    )
+    for name in fp32_copies:
+        total += _tensor_bytes(getattr(opt, name, None) or [])
+    return total
+
+
+def expected_bytes(models: dict, weights: dict, extra: dict, ps: ParallelState) -> int:
+    """Estimated size of a whole checkpoint (every rank's files), from the tensors about to be
+    written: each (tp, pp) rank's weights twice (the safetensors shard and DeepSpeed's module
+    copy) plus the optimizer state. Collective over the world (a sum)."""
+    local = sum(_optimizer_bytes(m, ps) for m in models.values())
+    if ps.dp_rank == 0:
+        local += 2 * sum(_tensor_bytes(w.values()) for w in weights.values())
+        local += sum(_tensor_bytes(w.values()) for w in extra.values())
+    total = torch.tensor([local], dtype=torch.int64)
+    if dist.is_initialized() and ps.world_size > 1:
+        dist.all_reduce(total)
+    return int(total.item())
 
 
 def _write_loop_state(tmp: Path, ps: ParallelState, trackers, state, run_config) -> list[Path]:
@@ -154,6 +234,9 @@ def save_checkpoint(
             the commit barrier (a fault injected here leaves a torn temp directory).
     Returns:
         the committed directory.
+    Raises:
+        CheckpointDirError: too little free space (on every rank, before writing), or the disk
+            filled up while writing (the previous checkpoint stays what `latest` names).
     """
     step = int(counters["step"])
     main = models[""]
@@ -178,6 +261,7 @@ def save_checkpoint(
         return files
 
     meta = {**layout, "step": step, "stage": stage}
+    expected = expected_bytes(models, weights, extra_weights or {}, ps)
     return atomic.save_checkpoint(
         root,
         step,
@@ -187,6 +271,7 @@ def save_checkpoint(
         barrier=atomic.process_group_barrier() if ps.world_size > 1 else None,
         keep_last=keep_last,
         meta=meta,
+        expected_bytes=expected,
     )
 
 
@@ -238,12 +323,42 @@ def check_resume_layout(ckpt: Path, ps: ParallelState, zero_stage: int) -> None:
             )
 
 
+def files_to_read(ckpt: Path, models: dict[str, DeepSpeedModel], ps: ParallelState) -> list[str]:
+    """The files (relative to `ckpt`) that resuming reads on this rank: each model's DeepSpeed
+    files of this rank, its loop state and its RNG state."""
+    listed = atomic.read_manifest(ckpt)["files"]
+    rels = []
+    for sub, m in models.items():
+        prefix = f"{sub}/" if sub else ""
+        every_dp = bool(m.ds.zero_elastic_checkpoint()) if m.zero_stage > 0 else False
+        mp_rank = m.mpu.get_model_parallel_rank()
+        rels += _deepspeed_reads(listed, prefix, ps.dp_rank, mp_rank, every_dp)
+    rels.append(_rank_file(Path(), ps.rank).as_posix())
+    rels.append(rng_file(Path(), ps.rank).as_posix())
+    return rels
+
+
+def _corrupt_hint(ckpt: Path) -> str:
+    """What to do about a corrupt file of `ckpt`: the newest earlier checkpoint, if any."""
+    step = atomic.parse_step(ckpt.name)
+    earlier = [p for s, p in atomic.list_checkpoints(ckpt.parent) if step is not None and s < step]
+    if earlier:
+        return f"resume from an earlier checkpoint (--resume-from {earlier[-1]}) or restore it"
+    return "restore it from a good copy (this run has no earlier checkpoint)"
+
+
 def load_checkpoint(ckpt: Path, *, models: dict[str, DeepSpeedModel], ps: ParallelState) -> dict:
     """Restore every model's weights, optimizer and scheduler; return this rank's loop state
     ({"counters": ..., and what the stage saved}).
 
-    RNG streams are restored separately (`restore_rng`), as the very last thing before training
-    continues, so nothing done in between consumes random numbers.
+    The files this rank reads are checked against their recorded checksums first (a checkpoint
+    saved before checksums existed is loaded unchecked). RNG streams are restored separately
+    (`restore_rng`), as the very last thing before training continues, so nothing done in between
+    consumes random numbers.
+
+    Raises:
+        CorruptCheckpointError: a file this rank reads differs from its checksum (named).
+        ResumeError: another layout, a missing rank file or model.
     """
     check_resume_layout(ckpt, ps, models[""].zero_stage)
     path = _rank_file(ckpt, ps.rank)
@@ -252,6 +367,7 @@ def load_checkpoint(ckpt: Path, *, models: dict[str, DeepSpeedModel], ps: Parall
     for sub in models:
         if sub and not (ckpt / sub).is_dir():
             raise ResumeError(f"{ckpt}: has no {sub}/ (saved by a run without a {sub}?)")
+    atomic.verify_files(ckpt, files_to_read(ckpt, models, ps), _corrupt_hint(ckpt))
     for sub, m in models.items():
         m.load_state(ckpt / sub if sub else ckpt)
     state = torch.load(path, weights_only=True)

@@ -78,6 +78,7 @@ class HybridEngine:
         gen_cfg: sampling settings.
         eos_id: stop token (None: never stops early).
         pad_id: filler token.
+        vocab_limit: sample only ids below it (the tokenizer's vocabulary size; None: all).
     """
 
     def __init__(
@@ -87,11 +88,12 @@ class HybridEngine:
         gen_cfg: GenerationConfig,
         eos_id: int | None,
         pad_id: int,
+        vocab_limit: int | None = None,
     ):
         if gen_ps.pp_size != 1:
             raise ValueError(f"the generation layout needs pipeline size 1, got {gen_ps.pp_size}")
         self.actor, self.gen_ps, self.gen_cfg = actor, gen_ps, gen_cfg
-        self.eos_id, self.pad_id = eos_id, pad_id
+        self.eos_id, self.pad_id, self.vocab_limit = eos_id, pad_id, vocab_limit
         self.timings: dict[str, float] = {}
 
     def seed_for(self, step: int) -> int:
@@ -136,7 +138,9 @@ class HybridEngine:
         if end > start:
             ids, mask = left_pad(prompts[start:end], self.pad_id)
             gen = torch.Generator().manual_seed(self.seed_for(step))
-            out = generate(model, ids, mask, self.gen_cfg, self.eos_id, self.pad_id, gen)
+            out = generate(
+                model, ids, mask, self.gen_cfg, self.eos_id, self.pad_id, gen, self.vocab_limit
+            )
             for i in range(end - start):
                 n = int(out.response_mask[i].sum())
                 mine.append(

@@ -8,6 +8,11 @@ Log-prob semantics: the returned log-probs are those of the *temperature-scaled*
 log softmax(logits / T), before top-k/top-p truncation; greedy decoding (T = 0) reports
 log softmax(logits). PPO recomputes exactly this quantity in training, so the two agree.
 Tokens after a row's EOS are padding, masked out (mask False, log-prob 0).
+
+`vocab_limit` keeps sampling to the ids a tokenizer has when the model's vocabulary is larger (a
+model padded to a round size, or trained with a bigger tokenizer): the gathered logits are cut to
+[:, :vocab_limit] on every rank alike, so ids >= vocab_limit are never sampled, the log-probs are
+those of the distribution over ids < vocab_limit, and TP=N still picks what TP=1 picks.
 """
 
 from __future__ import annotations
@@ -111,6 +116,23 @@ def sample_tokens(
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
+def _check_request(cfg, prompt_len: int, new_tokens: int, vocab_limit: int | None) -> int:
+    """Refuse a sequence longer than the model's context or a limit outside its vocabulary;
+    return the number of ids to sample from."""
+    if prompt_len + new_tokens > cfg.max_seq_len:
+        raise ValueError(
+            f"prompt length {prompt_len} + max_new_tokens {new_tokens} exceeds model.max_seq_len "
+            f"{cfg.max_seq_len}"
+        )
+    limit = cfg.vocab_size if vocab_limit is None else vocab_limit
+    if not 1 <= limit <= cfg.vocab_size:
+        raise ValueError(
+            f"vocab_limit {vocab_limit} is outside 1..model.vocab_size ({cfg.vocab_size}): the "
+            "model has no logits for ids beyond its vocabulary"
+        )
+    return limit
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -120,6 +142,7 @@ def generate(
     eos_id: int | None,
     pad_id: int,
     generator: torch.Generator | None = None,
+    vocab_limit: int | None = None,
 ) -> GenerationOutput:
     """Sample responses for a batch of left-padded prompts.
 
@@ -136,22 +159,23 @@ def generate(
         pad_id: filler after EOS.
         generator: CPU generator for the uniform draws; default seeded from gen.seed. It must
             be seeded identically on every rank of a TP group.
+        vocab_limit: sample only ids < vocab_limit (the tokenizer's vocabulary size); None:
+            every id of model.vocab_size.
+
+    Raises:
+        ValueError: a model without every layer, a sequence longer than model.max_seq_len, or a
+            vocab_limit outside 1..model.vocab_size.
     """
     if not (model.pre_process and model.post_process):
         raise ValueError("generate() needs a model holding every layer (pipeline size 1)")
     if generator is None:
         generator = torch.Generator().manual_seed(gen.seed)
-    cfg = model.cfg
     b, p = prompt_ids.shape
-    n = gen.max_new_tokens
-    if p + n > cfg.max_seq_len:
-        raise ValueError(
-            f"prompt length {p} + max_new_tokens {n} exceeds model.max_seq_len {cfg.max_seq_len}"
-        )
+    limit = _check_request(model.cfg, p, gen.max_new_tokens, vocab_limit)
     was_training = model.training
     model.eval()
     try:
-        state = _Decode(model, prompt_ids, prompt_mask, gen, eos_id, pad_id, generator)
+        state = _Decode(model, prompt_ids, prompt_mask, gen, eos_id, pad_id, generator, limit)
         state.run()
     finally:
         model.train(was_training)
@@ -164,8 +188,9 @@ class _Decode:
     """The decoding loop's state: outputs over all rows, the KV cache over the rows still
     computed (`active`, indices into the batch)."""
 
-    def __init__(self, model, prompt_ids, prompt_mask, gen, eos_id, pad_id, generator):
+    def __init__(self, model, prompt_ids, prompt_mask, gen, eos_id, pad_id, generator, limit):
         self.model, self.gen, self.eos_id, self.pad_id = model, gen, eos_id, pad_id
+        self.limit = limit
         self.generator, self.prompt_ids, self.prompt_mask = generator, prompt_ids, prompt_mask
         b, p = prompt_ids.shape
         n, device = gen.max_new_tokens, prompt_ids.device
@@ -203,8 +228,10 @@ class _Decode:
 
     def sample(self, logits: torch.Tensor, t: int) -> None:
         """Token t of the active rows from their logits [active, v / tp]."""
-        cfg, ps, act = self.model.cfg, self.model.ps, self.active
-        full = gather_from_tensor_parallel_region(logits, ps.tp_group)[:, : cfg.vocab_size]
+        ps, act = self.model.ps, self.active
+        # [active, padded vocab / tp] shards -> [active, padded vocab] -> [active, limit]: no
+        # padding row and no id the tokenizer lacks can be drawn.
+        full = gather_from_tensor_parallel_region(logits, ps.tp_group)[:, : self.limit]
         u = torch.rand(self.responses.shape[0], generator=self.generator)  # one per row, always
         tok, lp = sample_tokens(full, self.gen, u=u[act.cpu()])
         alive = self.alive[act]

@@ -39,7 +39,7 @@ from torch import nn
 from megarlhf.config.optim import DeepSpeedConfig, OptimConfig, check_supported
 from megarlhf.optim.adamw import build_optimizer, param_groups
 from megarlhf.optim.schedule import build_scheduler
-from megarlhf.parallel.state import ParallelState, global_rank_of
+from megarlhf.parallel.state import ParallelState, global_rank_of, group_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +68,10 @@ class DeepSpeedMPU:
         self._dp_ranks = list(ps.dp_ranks)
         mp_ranks = [global_rank_of(t, ps.dp_rank, p, tp, dp) for p in range(pp) for t in range(tp)]
         self._mp_rank = mp_ranks.index(rank)
-        self._dp = ps.dp_group if dp > 1 else _singleton_group(rank)
-        self._tp = ps.tp_group if tp > 1 else _singleton_group(rank)
-        self._pp = ps.pp_group if pp > 1 else _singleton_group(rank)
-        self._mp = ps.mp_group if tp * pp > 1 else _singleton_group(rank)
+        self._dp = ps.dp_group if dp > 1 else _singleton_group(rank, ps)
+        self._tp = ps.tp_group if tp > 1 else _singleton_group(rank, ps)
+        self._pp = ps.pp_group if pp > 1 else _singleton_group(rank, ps)
+        self._mp = ps.mp_group if tp * pp > 1 else _singleton_group(rank, ps)
 
     # data parallel
     def get_data_parallel_group(self):
@@ -120,10 +120,16 @@ class DeepSpeedMPU:
         return self.ps.pp_size
 
 
-def _singleton_group(rank: int):
+def _singleton_group(rank: int, ps: ParallelState):
     # Only the member has to call new_group with local synchronization, so size-1 groups cost
-    # nothing on the other ranks.
-    return dist.new_group([rank], use_local_synchronization=True)
+    # nothing on the other ranks. A group of one never waits on a peer, but it takes the layout's
+    # timeout anyway: no group of a run is left at torch's 30-minute default.
+    return dist.new_group(
+        [rank],
+        timeout=group_timeout(ps.timeout_s),
+        use_local_synchronization=True,
+        group_desc=f"singleton group of rank {rank}",
+    )
 
 
 # ----------------------------------------------------------------------------- model preparation

@@ -10,6 +10,11 @@ pipeline-parallel:
     global_rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
 
 so a TP group is `tp` consecutive ranks (one node), and a pipeline spans the slowest dimension.
+
+Every group is created with the run's collective timeout (`timeout_s`, the same one the world was
+made with) and a description ("tensor-parallel group", ...) that torch keeps as the group's
+`group_desc`, so a hung peer ends a collective after `timeout_s` and the error can name the group.
+Without `timeout_s` a group gets torch's default (30 minutes for gloo).
 """
 
 from __future__ import annotations
@@ -20,6 +25,21 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from megarlhf.config.loader import ConfigError
+
+# The description each group is created with (torch's `group_desc`, read back by error reports).
+GROUP_DESCS = {
+    "tp": "tensor-parallel group",
+    "dp": "data-parallel group",
+    "pp": "pipeline-parallel group",
+    "mp": "model-parallel group",
+    "emb": "embedding group",
+}
+
+
+class LayoutError(ConfigError):
+    """The parallel sizes do not fit the world (a user error: the message names the sizes)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +74,9 @@ class ParallelState:
     # Global ranks of this rank's TP group and DP group.
     tp_ranks: tuple[int, ...] = (0,)
     dp_ranks: tuple[int, ...] = (0,)
+    # Collective timeout every group of this layout was made with (None: torch's default); any
+    # group made later for this layout (DeepSpeed's size-1 groups) takes the same.
+    timeout_s: float | None = field(default=None, compare=False)
 
     @property
     def is_first_stage(self) -> bool:
@@ -99,19 +122,65 @@ def validate_layout(world_size: int, tp: int, pp: int) -> int:
     """Check that tp x pp divides the world; return the data-parallel size.
 
     Raises:
-        ValueError: naming the sizes, before any collective is issued.
+        LayoutError: naming the sizes, before any collective is issued.
     """
     if tp < 1 or pp < 1:
-        raise ValueError(f"parallel.tp={tp} and parallel.pp={pp} must both be >= 1")
+        raise LayoutError(f"parallel.tp={tp} and parallel.pp={pp} must both be >= 1")
     if world_size % (tp * pp) != 0:
-        raise ValueError(
+        raise LayoutError(
             f"world size {world_size} is not divisible by parallel.tp * parallel.pp = "
             f"{tp} * {pp} = {tp * pp}; choose sizes whose product divides the number of ranks"
         )
     return world_size // (tp * pp)
 
 
-def build_parallel_state(tp: int = 1, pp: int = 1) -> ParallelState:
+def group_timeout(timeout_s: float | None) -> datetime.timedelta | None:
+    """The `timeout` argument of `dist.new_group` for a layout's timeout (None: torch's)."""
+    return None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+
+
+def _make_groups(tp: int, pp: int, dp: int, rank: int, timeout, name: str) -> dict[str, object]:
+    """Create every group of a (tp, pp, dp) layout (collective: all ranks, same order); return
+    this rank's groups and rank tuples by kind ("tp", "tp_ranks", "dp", ..., "emb", "mp")."""
+
+    def group(ranks: list[int], kind: str):
+        # new_group must be called by every rank for every group, member or not.
+        desc = f"{name} {GROUP_DESCS[kind]}" if name else GROUP_DESCS[kind]
+        g = dist.new_group(ranks, timeout=timeout, group_desc=desc)
+        return g if rank in ranks else None
+
+    mine: dict[str, object] = {}
+    for p in range(pp):
+        for d in range(dp):
+            ranks = [global_rank_of(t, d, p, tp, dp) for t in range(tp)]
+            g = group(ranks, "tp")
+            if rank in ranks:
+                mine["tp"], mine["tp_ranks"] = g, tuple(ranks)
+    for p in range(pp):
+        for t in range(tp):
+            ranks = [global_rank_of(t, d, p, tp, dp) for d in range(dp)]
+            g = group(ranks, "dp")
+            if rank in ranks:
+                mine["dp"], mine["dp_ranks"] = g, tuple(ranks)
+    for d in range(dp):
+        for t in range(tp):
+            ranks = [global_rank_of(t, d, p, tp, dp) for p in range(pp)]
+            g = group(ranks, "pp")
+            emb = sorted({ranks[0], ranks[-1]})
+            ge = group(emb, "emb")
+            if rank in ranks:
+                mine["pp"], mine["pp_ranks"], mine["emb"] = g, tuple(ranks), ge
+    for d in range(dp):
+        ranks = [global_rank_of(t, d, p, tp, dp) for p in range(pp) for t in range(tp)]
+        g = group(ranks, "mp")
+        if rank in ranks:
+            mine["mp"] = g
+    return mine
+
+
+def build_parallel_state(
+    tp: int = 1, pp: int = 1, timeout_s: float | None = None, name: str = ""
+) -> ParallelState:
     """Build one layout's groups from the initialized default world.
 
     Every rank must call this with the same arguments, in the same order relative to other
@@ -121,6 +190,10 @@ def build_parallel_state(tp: int = 1, pp: int = 1) -> ParallelState:
     Args:
         tp: tensor-parallel size.
         pp: pipeline-parallel size.
+        timeout_s: timeout of every collective on this layout's groups (the run's
+            `dist_timeout_s`); None leaves torch's default (1,800 s).
+        name: prefix of the groups' descriptions (e.g. "generation" for "generation
+            tensor-parallel group"), to tell two layouts apart in an error.
 
     Returns:
         This rank's ParallelState. Without an initialized world, tp = pp = 1 gives the
@@ -128,42 +201,10 @@ def build_parallel_state(tp: int = 1, pp: int = 1) -> ParallelState:
     """
     if not (dist.is_available() and dist.is_initialized()):
         validate_layout(1, tp, pp)
-        return single_process_state()
+        return ParallelState(timeout_s=timeout_s)
     world, rank = dist.get_world_size(), dist.get_rank()
     dp = validate_layout(world, tp, pp)
-
-    def group(ranks: list[int]):
-        # new_group must be called by every rank for every group, member or not.
-        g = dist.new_group(ranks)
-        return g if rank in ranks else None
-
-    mine: dict[str, object] = {}
-    for p in range(pp):
-        for d in range(dp):
-            ranks = [global_rank_of(t, d, p, tp, dp) for t in range(tp)]
-            g = group(ranks)
-            if rank in ranks:
-                mine["tp"], mine["tp_ranks"] = g, tuple(ranks)
-    for p in range(pp):
-        for t in range(tp):
-            ranks = [global_rank_of(t, d, p, tp, dp) for d in range(dp)]
-            g = group(ranks)
-            if rank in ranks:
-                mine["dp"], mine["dp_ranks"] = g, tuple(ranks)
-    for d in range(dp):
-        for t in range(tp):
-            ranks = [global_rank_of(t, d, p, tp, dp) for p in range(pp)]
-            g = group(ranks)
-            emb = sorted({ranks[0], ranks[-1]})
-            ge = group(emb)
-            if rank in ranks:
-                mine["pp"], mine["pp_ranks"], mine["emb"] = g, tuple(ranks), ge
-    for d in range(dp):
-        ranks = [global_rank_of(t, d, p, tp, dp) for p in range(pp) for t in range(tp)]
-        g = group(ranks)
-        if rank in ranks:
-            mine["mp"] = g
-
+    mine = _make_groups(tp, pp, dp, rank, group_timeout(timeout_s), name)
     pp_rank, rem = divmod(rank, dp * tp)
     dp_rank, tp_rank = divmod(rem, tp)
     return ParallelState(
@@ -183,6 +224,7 @@ def build_parallel_state(tp: int = 1, pp: int = 1) -> ParallelState:
         pp_ranks=mine["pp_ranks"],
         tp_ranks=mine["tp_ranks"],
         dp_ranks=mine["dp_ranks"],
+        timeout_s=timeout_s,
     )
 
 

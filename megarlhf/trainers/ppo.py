@@ -234,8 +234,9 @@ class PPOTrainer(TrainLoop):
         self._build_models()
         self.gen_ps = build_parallel_state(gen_tp, 1, ps.timeout_s, name="generation")
         eos = self.tokenizer.eos_id if self.stop_at_eos else None
+        tok = self.tokenizer
         self.hybrid = HybridEngine(
-            self.actor.module, self.gen_ps, cfg.generation, eos, self.tokenizer.pad_id
+            self.actor.module, self.gen_ps, cfg.generation, eos, tok.pad_id, tok.vocab_size
         )
         self.kl_ctl = KLController(a.kl_coef, a.kl_target or None, a.kl_horizon)
         self.fwd_bwd = get_forward_backward_func(ps, self.loop_cfg.pipeline_schedule)

@@ -1,5 +1,6 @@
 """KV-cache decoding: cached logits equal a full forward at every position; TP=2 generation equals
-TP=1 token for token; left-padded rows equal the same prompts run alone; EOS masking."""
+TP=1 token for token; left-padded rows equal the same prompts run alone; EOS masking; a
+vocab_limit (the tokenizer's size) keeps every sampled id below it, at TP=1 and TP=2 alike."""
 
 import pytest
 import torch
@@ -89,12 +90,13 @@ def test_filter_logits_top_k_top_p():
     assert torch.isinf(filter_logits(logits, 0, 0.5)).tolist() == [[False, True, True, True]]
 
 
-def _generate_tp(rank, world, family, gen_kw):
+def _generate_tp(rank, world, family, gen_kw, vocab_limit=None):
     cfg = tiny_config(family)
     ps = build_parallel_state(tp=world)
     model = GPTModel(cfg, ps, seed=7)
     ids, mask = left_pad([[5, 17, 33, 2, 9], [44, 3], [8, 8, 8, 900, 1, 2]], 0)
-    out = generate(model, ids, mask, GenerationConfig(**gen_kw), eos_id=None, pad_id=0)
+    gen = GenerationConfig(**gen_kw)
+    out = generate(model, ids, mask, gen, eos_id=None, pad_id=0, vocab_limit=vocab_limit)
     return out.responses, out.logprobs
 
 
@@ -145,3 +147,42 @@ def test_dropping_finished_rows_changes_no_token(monkeypatch):
     torch.testing.assert_close(dropped.logprobs, kept.logprobs, atol=1e-6, rtol=0)
     lengths = dropped.response_mask.sum(-1)
     assert lengths.min() < lengths.max()  # rows really stopped at different steps
+
+
+# 600 of 1003 ids: past the first TP=2 shard (1008 padded / 2 = 504 rows), short of the vocabulary.
+LIMIT = 600
+
+
+def test_vocab_limit_keeps_every_sampled_id_below_it():
+    cfg = tiny_config("llama")
+    model = reference_model(cfg)
+    ids, mask = left_pad([[1, 2, 3, 4], [9, 10], [7]], 0)
+    gen = GenerationConfig(max_new_tokens=24, temperature=1.0, seed=5)
+    free = generate(model, ids, mask, gen, eos_id=None, pad_id=0)
+    assert free.responses.max() >= LIMIT  # without a limit the model does draw such ids
+    out = generate(model, ids, mask, gen, eos_id=None, pad_id=0, vocab_limit=LIMIT)
+    assert out.responses.max() < LIMIT
+    # The log-probs are those of the distribution over the ids < LIMIT it was drawn from.
+    with torch.no_grad():
+        logits = model(out.sequences, attention_mask=out.attention_mask)[..., :LIMIT]
+    p = ids.shape[1]
+    ref = torch.log_softmax(logits[:, p - 1 : -1].float(), -1)
+    ref = ref.gather(-1, out.responses[..., None]).squeeze(-1)
+    assert (out.logprobs - ref).abs().max() <= 1e-5
+    greedy = GenerationConfig(max_new_tokens=24, temperature=0.0)
+    assert generate(model, ids, mask, greedy, None, 0, vocab_limit=LIMIT).responses.max() < LIMIT
+    for bad in (0, cfg.vocab_size + 1):
+        with pytest.raises(ValueError, match="vocab_limit"):
+            generate(model, ids, mask, gen, eos_id=None, pad_id=0, vocab_limit=bad)
+
+
+def test_tp2_generation_with_vocab_limit_equals_tp1():
+    cfg = tiny_config("gpt2")
+    gen_kw = dict(max_new_tokens=16, temperature=1.0, seed=11)
+    ids, mask = left_pad([[5, 17, 33, 2, 9], [44, 3], [8, 8, 8, 900, 1, 2]], 0)
+    expect = generate(reference_model(cfg), ids, mask, GenerationConfig(**gen_kw), None, 0,
+                      vocab_limit=LIMIT)  # fmt: skip
+    assert expect.responses.max() < LIMIT
+    for responses, logprobs in run_ranks(_generate_tp, 2, "gpt2", gen_kw, LIMIT, timeout=180):
+        assert responses.tolist() == expect.responses.tolist()
+        assert (logprobs - expect.logprobs).abs().max() <= 1e-5

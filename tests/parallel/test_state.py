@@ -1,16 +1,27 @@
-"""ParallelState: group membership and rank order, refusal of bad sizes, two layouts at once."""
+"""ParallelState: group membership and rank order, refusal of bad sizes (a user error), two layouts
+at once, and every group (DeepSpeed's size-1 groups too) made with the layout's timeout and a
+description naming it."""
+
+import time
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from megarlhf.parallel.state import build_parallel_state, global_rank_of, validate_layout
+from megarlhf.config import ConfigError
+from megarlhf.parallel.state import (
+    LayoutError,
+    build_parallel_state,
+    global_rank_of,
+    validate_layout,
+)
 from tests.dist import run_ranks
 
 
 def test_refuses_indivisible_world_before_any_collective():
-    with pytest.raises(ValueError, match="world size 4 is not divisible by.*3 \\* 1 = 3"):
+    with pytest.raises(LayoutError, match="world size 4 is not divisible by.*3 \\* 1 = 3") as e:
         validate_layout(4, 3, 1)
+    assert isinstance(e.value, ConfigError)  # the tools report it as a user error (exit 2)
     with pytest.raises(ValueError, match="world size 1"):
         build_parallel_state(tp=2)  # no process group: world of one
 
@@ -65,3 +76,44 @@ def test_data_parallel_groups():
     assert results[0] == (0, 0, [0, 1], [0, 2])
     assert results[1] == (1, 0, [0, 1], [1, 3])
     assert results[3] == (1, 1, [2, 3], [1, 3])
+
+
+def _group_settings(rank, world):
+    from megarlhf.optim.deepspeed_model import DeepSpeedMPU
+
+    train = build_parallel_state(tp=2, pp=2, timeout_s=7.0)
+    gen = build_parallel_state(tp=2, pp=1, timeout_s=7.0, name="generation")
+    DeepSpeedMPU(train)  # dp = 1: a size-1 data-parallel group of its own
+    seen = {}
+    for pg in dist.distributed_c10d._world.pg_map:
+        if pg is not dist.group.WORLD:
+            timeout = pg._get_backend(torch.device("cpu")).options._timeout
+            seen.setdefault(pg.group_desc, set()).add(timeout.total_seconds())
+    return seen, train.timeout_s, gen.timeout_s
+
+
+def test_every_group_takes_the_layout_timeout():
+    """Without it a subgroup gets torch's default (1,800 s): a hung rank stalls for 30 minutes."""
+    for rank, (seen, train_t, gen_t) in enumerate(run_ranks(_group_settings, 4, timeout=120)):
+        assert train_t == gen_t == 7.0
+        assert set().union(*seen.values()) == {7.0}, seen
+        kinds = ["tensor-parallel", "pipeline-parallel", "embedding", "model-parallel",
+                 "generation tensor-parallel", "generation data-parallel"]  # fmt: skip
+        for desc in [f"{k} group" for k in kinds] + [f"singleton group of rank {rank}"]:
+            assert desc in seen, (desc, sorted(seen))
+
+
+def _wait_on_a_hung_peer(rank, world):
+    ps = build_parallel_state(tp=1, pp=1, timeout_s=2.0)  # dp = 2
+    if rank == 1:
+        time.sleep(6)  # never joins the all-reduce: a hung peer
+        return None
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="Timed out"):
+        dist.all_reduce(torch.ones(4), group=ps.dp_group)
+    return time.monotonic() - t0
+
+
+def test_a_collective_on_a_subgroup_times_out_after_the_layout_timeout():
+    waited, _ = run_ranks(_wait_on_a_hung_peer, 2, timeout=120)
+    assert 1.5 < waited < 10, waited

@@ -1,5 +1,6 @@
 """tools/generate.py: a plain process and a 2-rank torchrun at TP=2 produce the same tokens as the
-in-process reference generation, from a checkpoint saved at TP=1."""
+in-process reference generation, from a checkpoint saved at TP=1; a model with more ids than its
+tokenizer samples only the tokenizer's ids; a tokenizer with more ids than the model is refused."""
 
 import json
 import os
@@ -31,11 +32,13 @@ def checkpoint(tmp_path_factory):
     return ckpt, model, tok
 
 
-def _expected(model, tok, gen):
+def _expected(model, tok, gen, vocab_limit=None):
     ids = [tok.tokenize_pair(p, None, "auto").ids for p in PROMPTS]
     pids, pmask = left_pad(ids, tok.pad_id)
     g = torch.Generator().manual_seed(gen.seed)
-    out = generate(model, pids, pmask, gen, tok.eos_id, tok.pad_id, generator=g)
+    out = generate(
+        model, pids, pmask, gen, tok.eos_id, tok.pad_id, generator=g, vocab_limit=vocab_limit
+    )
     return [out.responses[i, : int(out.response_mask[i].sum())].tolist() for i in range(3)]
 
 
@@ -84,3 +87,41 @@ def test_bad_prompts_file_names_the_line(checkpoint, tmp_path):
         capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )  # fmt: skip
     assert proc.returncode != 0 and f"{bad}:2: bad prompt line" in proc.stderr
+
+
+def _tool_args(ckpt, *overrides):
+    return [
+        sys.executable, str(ROOT / "tools" / "generate.py"), "--checkpoint", str(ckpt),
+        "--tokenizer", str(TOKENIZER), *sum((["--prompt", p] for p in PROMPTS), []), *overrides,
+    ]  # fmt: skip
+
+
+def test_model_vocab_larger_than_the_tokenizer(tmp_path):
+    """A model with 4x the tokenizer's ids (random weights: most of the mass on ids the tokenizer
+    lacks) used to draw one and crash in decode (IndexError: OUT_OF_RANGE)."""
+    tok = load_tokenizer(TOKENIZER)
+    cfg = tiny_config("llama", vocab_size=4 * tok.vocab_size, max_seq_len=96)
+    model = reference_model(cfg)
+    ckpt = tmp_path / "ckpt"
+    save_model_shard(ckpt, model.state_dict(), cfg, tp=1, tp_rank=0, pp=1, pp_rank=0)
+    gen = GenerationConfig(max_new_tokens=12, temperature=1.0, seed=4)
+    rows = _run(_tool_args(ckpt, "generation.max_new_tokens=12", "generation.temperature=1.0",
+                           "generation.seed=4"), tmp_path)  # fmt: skip
+    tokens = [r["tokens"] for r in rows]
+    assert max(max(t) for t in tokens) < tok.vocab_size
+    assert tokens == _expected(model, tok, gen, vocab_limit=tok.vocab_size)
+
+
+def test_tokenizer_larger_than_the_model_is_refused(tmp_path):
+    tok = load_tokenizer(TOKENIZER)
+    cfg = tiny_config("llama", vocab_size=tok.vocab_size // 2, max_seq_len=96)
+    ckpt = tmp_path / "ckpt"
+    save_model_shard(ckpt, reference_model(cfg).state_dict(), cfg, tp=1, tp_rank=0, pp=1,
+                     pp_rank=0)  # fmt: skip
+    proc = subprocess.run(_tool_args(ckpt), capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"generate.py: error: --tokenizer {TOKENIZER} has {tok.vocab_size} ids but the model in "
+        f"{ckpt} only model.vocab_size = {cfg.vocab_size}: they do not belong together"
+    ]
