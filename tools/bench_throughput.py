@@ -320,14 +320,30 @@ def measured_step(trainer, args):
 
 
 def install_eos_rate(trainer, rate: float) -> None:
-    """Our actor and reference emit EOS at `rate` per token (megarlhf.perf.eos_rate)."""
-    from megarlhf.perf.eos_rate import set_eos_rate
+    """Our actor and reference emit EOS at `rate` per token (megarlhf.perf.eos_rate; the actor's
+    fp32 master weights are edited too, so its updates start from the edited weights)."""
+    from megarlhf.optim.deepspeed_model import edit_parameter
 
     cfg, eos = trainer.cfg.model, trainer.tokenizer.eos_id
     if cfg.family != "gpt2" or trainer.ps.world_size > 1:
         raise ValueError("--eos-rate needs a gpt2-family model on one rank")
     for model in (trainer.actor.module, trainer.reference.model):
-        set_eos_rate(model.embedding.word.weight, model.final_norm.bias, eos, rate, cfg.vocab_size)
+        emb, bias = model.embedding.word.weight, model.final_norm.bias
+        edit_parameter(emb, lambda w: _eos_row(w, eos, rate, cfg.vocab_size))
+        edit_parameter(bias, _eos_bias)
+
+
+def _eos_row(w, eos: int, rate: float, vocab: int) -> None:
+    from megarlhf.perf.eos_rate import BIAS, eos_logit
+
+    w[eos].zero_()
+    w[eos, 0] = eos_logit(rate, vocab) / BIAS
+
+
+def _eos_bias(b) -> None:
+    from megarlhf.perf.eos_rate import BIAS
+
+    b[0] += BIAS
 
 
 def build_peer(cfg, args, prompts, trainer, setting: str | None, out: Path):

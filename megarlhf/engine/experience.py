@@ -159,13 +159,13 @@ def micro_batches(
 ) -> list[dict]:
     """The schedule's micro-batches of `exp`: model inputs of whole packed rows, and
 
-        output_index  [N] flat positions (within the micro-batch) the head runs on: where a
-                      response token is predicted ("response"), each sequence's last token
-                      ("last"), or every position ("all": no index);
-        packed        {"labels", and every `per_token` [b, T] tensor} at those positions, [N];
-        out_index     [N] the same positions in the whole layout's flat [R * width];
-        filler        True for the padding micro-batches that equalize the count over DP (one
-                      row of padding, nothing predicted).
+    output_index  [N] flat positions (within the micro-batch) the head runs on: where a
+                  response token is predicted ("response"), each sequence's last token
+                  ("last"), or every position ("all": no index);
+    packed        {"labels", and every `per_token` [b, T] tensor} at those positions, [N];
+    out_index     [N] the same positions in the whole layout's flat [R * width];
+    filler        True for the padding micro-batches that equalize the count over DP (one
+                  row of padding, nothing predicted).
     """
     layout = exp.layout(how.pack, how.pad_id)
     groups = row_groups(layout.rows, layout.width, how.budget(layout.width))

@@ -425,3 +425,20 @@ def add_to_parameter(param: torch.Tensor, delta: float) -> None:
         from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
         safe_set_full_fp32_param(param, safe_get_full_fp32_param(param) + delta)
+
+
+@torch.no_grad()
+def edit_parameter(param: torch.Tensor, edit) -> None:
+    """Apply `edit(tensor)` (in place) to a parameter and to the optimizer's fp32 master copy of
+    it (ZeRO 1/2, DeepSpeed's bf16 optimizer), so the next step keeps the edit. Not for ZeRO-3
+    partitioned parameters (see `add_to_parameter`)."""
+    if hasattr(param, "ds_id"):
+        raise ValueError("edit_parameter: ZeRO-3 partitions the parameter; gather it first")
+    edit(param)
+    if hasattr(param, "_hp_mapping"):
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        master = safe_get_full_fp32_param(param)
+        if master is not None:
+            edit(master)
+            safe_set_full_fp32_param(param, master)

@@ -95,6 +95,7 @@ def measured_peak(dtype: str, device: str = "cpu", n: int = 2048) -> tuple[float
 def phase_mfu(records: list[dict], flops: dict, world: int, peak: float) -> dict:
     """MFU of the training phase (actor and critic updates) and of the generation phase, each its
     FLOPs over its own measured time."""
+
     def mfu(time_keys, flops_keys):
         t = mean([sum(r[k] for k in time_keys) for r in records])
         f = sum(flops[k] for k in flops_keys)

@@ -21,14 +21,19 @@ import torch
 BIAS = 8.0
 
 
+def eos_logit(rate: float, vocab: int) -> float:
+    """The EOS logit L that takes `rate` of the probability when the other logits are 0."""
+    if not 0 < rate < 1:
+        raise ValueError(f"eos rate {rate} not in (0, 1)")
+    return math.log(rate / (1 - rate) * (vocab - 1))
+
+
 @torch.no_grad()
 def set_eos_rate(output_weight: torch.Tensor, norm_bias: torch.Tensor, eos_id: int, rate: float,
                  vocab: int) -> None:  # fmt: skip
     """Edit in place the output layer `output_weight` [V_pad, h] (tied: also the embedding) and
     the final norm's bias `norm_bias` [h] so that EOS has about `rate` probability per token."""
-    if not 0 < rate < 1:
-        raise ValueError(f"eos rate {rate} not in (0, 1)")
-    target = math.log(rate / (1 - rate) * (vocab - 1))
+    target = eos_logit(rate, vocab)
     norm_bias[0] += BIAS
     output_weight[eos_id].zero_()
     output_weight[eos_id, 0] = target / BIAS

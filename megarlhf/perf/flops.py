@@ -51,10 +51,17 @@ def forward_flops(cfg: ModelConfig, batch: int, seq: int, head_tokens: int | Non
     return layers + 2.0 * batch * head_tokens * h * head_width(cfg)
 
 
-def train_flops(cfg: ModelConfig, batch: int, seq: int, recompute: bool | None = None) -> float:
-    """Forward + backward (2 x forward) over [batch, seq]; + one layer forward when recomputing."""
+def train_flops(
+    cfg: ModelConfig,
+    batch: int,
+    seq: int,
+    recompute: bool | None = None,
+    head_tokens: int | None = None,
+) -> float:
+    """Forward + backward (2 x forward) over [batch, seq]; + one layer forward when recomputing.
+    `head_tokens` as in `forward_flops`."""
     recompute = cfg.activation_recompute if recompute is None else recompute
-    full = forward_flops(cfg, batch, seq)
+    full = forward_flops(cfg, batch, seq, head_tokens)
     layers = forward_flops(cfg, batch, seq, head_tokens=0)
     return 3.0 * full + (layers if recompute else 0.0)
 
@@ -95,21 +102,25 @@ def ppo_iteration_flops(
 
     Generation, then forward passes over [batch, prompt + response] of the actor (old log-probs),
     the reference (the actor's shape), the critic and the reward model, then `ppo_epochs` training
-    passes of the actor (plus `ptx_rows` PTX rows of `ptx_seq` tokens) and the critic.
+    passes of the actor (plus `ptx_rows` PTX rows of `ptx_seq` tokens) and the critic. The heads
+    run where their outputs are read, as the trainer runs them: the LM head and the critic's head
+    at the positions that predict a response token, the reward head at the last token.
     """
-    s = prompt_len + response_len
+    s, n = prompt_len + response_len, response_len
     out = {
         "generate": generate_flops(actor, batch, prompt_len, response_len),
-        "actor_forward": forward_flops(actor, batch, s),
-        "reference_forward": forward_flops(actor, batch, s),
-        "critic_forward": forward_flops(critic, batch, s) if critic is not None else 0.0,
-        "reward_forward": forward_flops(reward, batch, s) if reward is not None else 0.0,
+        "actor_forward": forward_flops(actor, batch, s, n),
+        "reference_forward": forward_flops(actor, batch, s, n),
+        "critic_forward": forward_flops(critic, batch, s, n) if critic is not None else 0.0,
+        "reward_forward": forward_flops(reward, batch, s, 1) if reward is not None else 0.0,
         "actor_update": ppo_epochs
         * (
-            train_flops(actor, batch, s)
+            train_flops(actor, batch, s, head_tokens=n)
             + (train_flops(actor, ptx_rows, ptx_seq) if ptx_rows else 0)
         ),
-        "critic_update": ppo_epochs * train_flops(critic, batch, s) if critic is not None else 0.0,
+        "critic_update": (
+            ppo_epochs * train_flops(critic, batch, s, head_tokens=n) if critic is not None else 0.0
+        ),
     }
     out["total"] = sum(out.values())
     return out

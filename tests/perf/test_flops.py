@@ -40,4 +40,7 @@ def test_generation_and_ppo_totals():
     assert steps[0] < steps[1] < steps[2]
     f = ppo_iteration_flops(c, c, c, 4, 8, 16, ppo_epochs=2)
     assert f["total"] == pytest.approx(sum(v for k, v in f.items() if k != "total"))
-    assert f["actor_update"] == 2 * train_flops(c, 4, 24)
+    # The LM head runs where a response token is predicted (16 of the 24 positions).
+    assert f["actor_update"] == 2 * train_flops(c, 4, 24, head_tokens=16)
+    assert f["actor_forward"] == forward_flops(c, 4, 24, head_tokens=16)
+    assert f["reward_forward"] == forward_flops(c, 4, 24, head_tokens=1)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from megarlhf.perf.bench import fast_bf16_device
+
 ROOT = Path(__file__).parents[2]
 TOOL = ROOT / "tools" / "bench_throughput.py"
 # tiny_gpt2: h 64, 2 layers, vocab 512, ffn 4h, tied embeddings.
@@ -73,13 +75,15 @@ def test_ppo_fields_and_consistency(tmp_path):
     assert rep["peak_tflops"] == 0.5 and rep["peak_tflops_source"] == "--peak-tflops"
     assert rep["micro_batch_size"] == B  # a whole minibatch per forward by default
     s = P + N
-    # actor + reference forwards (lm head), critic + reward forwards (one-output head), then
-    # 2 epochs of training (3 x forward) of the actor and of the critic.
+    # actor + reference forwards (lm head at the N positions predicting a response token),
+    # critic (one-output head, the same N) + reward (its last token) forwards, then 2 epochs of
+    # training (3 x forward) of the actor and of the critic.
     expected = (
         gen_flops(B, P, N)
-        + 2 * fwd(B, s, s, V)
-        + 2 * fwd(B, s, s, 1)
-        + 2 * 3 * (fwd(B, s, s, V) + fwd(B, s, s, 1))
+        + 2 * fwd(B, s, N, V)
+        + fwd(B, s, N, 1)
+        + fwd(B, s, 1, 1)
+        + 2 * 3 * (fwd(B, s, N, V) + fwd(B, s, N, 1))
     )
     assert rep["flops_per_iteration"] == pytest.approx(expected, rel=1e-12)
     check_throughput(rep, B, s)
@@ -96,7 +100,22 @@ def test_ppo_fields_and_consistency(tmp_path):
     assert g["flops"] == pytest.approx(gen_flops(B, P, N), rel=1e-12)
     assert g["tflops_per_device"] == pytest.approx(g["flops"] / g["latency_s"] / 1e12)
     assert "tflops_per_device" not in stages["advantages"]
+    # Phase MFUs: each phase's FLOPs over its own time, against the same peak.
+    upd = stages["actor_update"]["flops"] + stages["critic_update"]["flops"]
+    t_upd = stages["actor_update"]["latency_s"] + stages["critic_update"]["latency_s"]
+    assert rep["train_mfu"] == pytest.approx(upd / t_upd / 1e12 / 0.5, rel=1e-9)
+    assert rep["generate_mfu"] == pytest.approx(g["flops"] / g["latency_s"] / 1e12 / 0.5)
     assert rep["params"] == V * H + 256 * H + L * (12 * H * H + 13 * H) + 2 * H  # + wpe 256 rows
+
+
+def test_variable_length_mode(tmp_path):
+    """--eos-rate: the random models stop at EOS, responses vary; FLOPs follow the mean length."""
+    rep = run_tool(tmp_path, "--model", "tiny_gpt2", "--batch", "8", "--prompt-len", "8",
+                   "--response-len", "24", "--iters", "2", "--warmup", "1", "--peak-tflops", "1",
+                   "--eos-rate", "0.1")  # fmt: skip
+    n = rep["mean_response_length"]
+    assert 1 <= n < 24  # EOS at 0.1 per token: about 9 tokens, far below 24
+    assert rep["stages"]["generate"]["flops"] == pytest.approx(gen_flops(8, 8, n), rel=1e-12)
 
 
 def test_ppo_without_old_logprob_recompute(tmp_path):
@@ -105,8 +124,8 @@ def test_ppo_without_old_logprob_recompute(tmp_path):
     s = P + N
     assert rep["recompute_old_logprobs"] is False
     # one epoch; no actor forward: reference (lm head), critic and reward forwards only
-    expected = gen_flops(B, P, N) + fwd(B, s, s, V) + 2 * fwd(B, s, s, 1)
-    expected += 3 * (fwd(B, s, s, V) + fwd(B, s, s, 1))
+    expected = gen_flops(B, P, N) + fwd(B, s, N, V) + fwd(B, s, N, 1) + fwd(B, s, 1, 1)
+    expected += 3 * (fwd(B, s, N, V) + fwd(B, s, N, 1))
     assert rep["flops_per_iteration"] == pytest.approx(expected, rel=1e-12)
     assert rep["stages"]["actor_forward"]["flops"] == 0.0
     assert rep["stages"]["actor_forward"]["latency_s"] < 0.01
@@ -128,7 +147,10 @@ def test_sft_stage_with_measured_peak(tmp_path):
     s = P + N
     assert rep["stage"] == "sft"
     assert rep["flops_per_iteration"] == pytest.approx(3 * fwd(B, s, s, V), rel=1e-12)
-    assert rep["peak_tflops"] > 0 and rep["peak_tflops_source"].startswith("measured")
+    # The default dtype is the one this machine's matmuls run fast, and so is the peak's.
+    want = "bf16" if fast_bf16_device() else "fp32"
+    assert rep["model"]["dtype"] == want
+    assert rep["peak_tflops"] > 0 and rep["peak_tflops_source"].startswith(f"measured {want}")
     check_throughput(rep, B, s)
 
 
@@ -144,22 +166,35 @@ def test_rm_stage(tmp_path):
 def test_compare_trl(tmp_path):
     rep = run_tool(tmp_path, *SHAPE, "--iters", "2", "--warmup", "1", "--compare-trl",
                    "--peak-tflops", "1")  # fmt: skip
-    trl = rep["trl_iteration_latencies_s"]
-    assert len(trl) == 2 and all(t > 0 for t in trl)
-    assert rep["trl_e2e_latency_s"] == pytest.approx(sum(trl) / 2)
-    assert rep["trl_samples_per_s"] == pytest.approx(B / rep["trl_e2e_latency_s"])
-    assert rep["trl_ratio"] == pytest.approx(rep["samples_per_s"] / rep["trl_samples_per_s"])
+    # TRL in fp32 and under bf16 autocast, each alternating with 2 of ours: 4 of ours in all.
+    times = {k: rep[f"trl_{k}_iteration_latencies_s"] for k in ("fp32", "bf16")}
+    assert all(len(t) == 2 and min(t) > 0 for t in times.values())
+    for k, t in times.items():
+        assert rep[f"trl_{k}_samples_per_s"] == pytest.approx(B / (sum(t) / 2))
+    faster = min(times, key=lambda k: sorted(times[k])[0] + sorted(times[k])[1])
+    assert rep["trl_faster_setting"] == faster
+    assert rep["trl_samples_per_s"] == rep[f"trl_{faster}_samples_per_s"]
     ours = sorted(rep["iteration_latencies_s"])
-    assert rep["trl_ratio_median"] == pytest.approx((trl[0] + trl[1]) / (ours[0] + ours[1]))
+    assert len(ours) == 4
+    want = (times[faster][0] + times[faster][1]) / 2 / ((ours[1] + ours[2]) / 2)  # medians
+    assert rep["trl_ratio"] == pytest.approx(want)
+    assert rep["trl_ratio_mean"] == pytest.approx(rep["samples_per_s"] / rep["trl_samples_per_s"])
 
 
 def test_compare_hf_generate(tmp_path):
-    rep = run_tool(tmp_path, *SHAPE, "--iters", "2", "--warmup", "1", "--compare-hf-generate")
-    assert rep["greedy_match"] is True
+    # fp32 on both sides: greedy tokens must match exactly (bf16 rounds differently per kernel).
+    rep = run_tool(tmp_path, *SHAPE, "--iters", "2", "--warmup", "1", "--compare-hf-generate",
+                   "--dtype", "fp32", "--latency-batches", "1,2")  # fmt: skip
+    assert rep["greedy_match"] is True and rep["dtype"] == "fp32"
+    assert set(rep["per_token_latency_ms"]) == {"1", "2"}
+    assert all(
+        v["ours"] > 0 and v["transformers"] > 0 for v in rep["per_token_latency_ms"].values()
+    )
     assert (rep["batch"], rep["new_tokens"]) == (B, N)
     assert rep["latency_s"] == pytest.approx(sum(rep["latencies_s"]) / 2)
     assert rep["tokens_per_s"] == pytest.approx(B * N / rep["latency_s"])
     assert rep["hf_tokens_per_s"] == pytest.approx(B * N / rep["hf_latency_s"])
+    # Two runs each: the ratio of medians is the ratio of means.
     assert rep["hf_generate_ratio"] == pytest.approx(rep["hf_latency_s"] / rep["latency_s"])
 
 
