@@ -144,6 +144,8 @@ class MicroBatching:
     rows: int = 4
     # Filler token of the padding positions.
     pad_id: int = 0
+    # Where the model runs: micro-batches are moved there (the experience stays on the CPU).
+    device: str = "cpu"
 
     def budget(self, width: int) -> int:
         """Tokens per micro-batch for rows of `width`."""
@@ -190,8 +192,20 @@ def micro_batches(
         mb["packed"] = {k: v[idx] for k, v in flat.items()}
         if not layout.one_per_row:
             mb["segment_ids"] = layout.segment_ids[rows.start : rows.stop]
-        out.append(mb)
+        out.append(_to_device(mb, how.device))
     return out
+
+
+def _to_device(mb: dict, device: str) -> dict:
+    """The micro-batch's model inputs and per-token tensors on `device` (out_index stays: it
+    addresses the experience's CPU tensors)."""
+    if device == "cpu":
+        return mb
+    moved = {
+        k: v.to(device) if torch.is_tensor(v) and k != "out_index" else v for k, v in mb.items()
+    }
+    moved["packed"] = {k: v.to(device) for k, v in mb["packed"].items()}
+    return moved
 
 
 def _wanted_positions(layout: PackedLayout, outputs: str) -> torch.Tensor:
@@ -416,9 +430,10 @@ class ExperienceMaker:
         if stats:  # the last stage
             first = stats[0]["x"]
             full = first.new_zeros(layout.rows * layout.width, *first.shape[1:])
+            full = full.cpu()
             for mb, st in zip(mbs, stats, strict=True):
                 idx = mb["out_index"]
-                full[idx] = st["x"].reshape(len(idx), *full.shape[1:])
+                full[idx] = st["x"].reshape(len(idx), *full.shape[1:]).cpu()
         return from_last_stage(full, (layout.rows * layout.width, *trailing), self.ps)
 
     def _layout(self, exp: Experience) -> PackedLayout:

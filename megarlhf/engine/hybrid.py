@@ -137,17 +137,19 @@ class HybridEngine:
         mine: list[Sample] = []
         if end > start:
             ids, mask = left_pad(prompts[start:end], self.pad_id)
+            device = next(model.parameters()).device
+            ids, mask = ids.to(device), mask.to(device)
             gen = torch.Generator().manual_seed(self.seed_for(step))
             out = generate(
                 model, ids, mask, self.gen_cfg, self.eos_id, self.pad_id, gen, self.vocab_limit
             )
             for i in range(end - start):
-                n = int(out.response_mask[i].sum())
+                n = int(out.response_mask[i].sum().cpu())
                 mine.append(
                     Sample(
                         prompts[start + i],
-                        out.responses[i, :n].tolist(),
-                        out.logprobs[i, :n].tolist(),
+                        out.responses[i, :n].cpu().tolist(),
+                        out.logprobs[i, :n].cpu().tolist(),
                     )
                 )
             del out

@@ -232,8 +232,9 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
     """Initialize the default process group from launcher environment variables.
 
     Works under the `deepspeed` launcher, torchrun, and as one plain process (no RANK in the
-    environment: nothing is initialized). Uses nccl when CUDA is available, else gloo. The timeout
-    bounds every collective, so a dead peer turns into an error instead of a hang.
+    environment: nothing is initialized). Uses nccl (and gloo for CPU tensors) when CUDA is
+    available, else gloo. The timeout bounds every collective, so a dead peer turns into an error
+    instead of a hang.
 
     Returns:
         (rank, world_size).
@@ -242,8 +243,10 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
         return 0, 1
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    # With CUDA: NCCL for device tensors, gloo for the small CPU tensors of the metric and
+    # bookkeeping collectives (megarlhf.parallel.scalars), both in one process group.
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()

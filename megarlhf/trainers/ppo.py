@@ -247,6 +247,7 @@ class PPOTrainer(TrainLoop):
             max_tokens=r.max_tokens_per_micro_batch,
             rows=self.loop_cfg.micro_batch_size,
             pad_id=self.tokenizer.pad_id,
+            device=str(self.actor.device),
         )
         self.maker = ExperienceMaker(
             actor=self.actor, reference=self.reference, critic=self.critic, scorer=self.scorer,
@@ -417,7 +418,8 @@ class PPOTrainer(TrainLoop):
         lo, hi = slice_bounds(rows.shape[0], self.ps.dp_rank, self.ps.dp_size)
         mine, length = rows[lo:hi], rows.shape[1]
         size = max(self.batching.budget(length) // length, 1)
-        mbs = [{"input_ids": mine[s : s + size]} for s in range(0, mine.shape[0], size)]
+        dev = self.batching.device
+        mbs = [{"input_ids": mine[s : s + size].to(dev)} for s in range(0, mine.shape[0], size)]
         return mbs, float(self.algo.ptx_batch_size * (length - 1))
 
     def _run(self, model: DeepSpeedModel, mbs: list[dict], loss_fn) -> list[dict]:
