@@ -1,4 +1,5 @@
-"""PPO math for RLHF: per-token rewards, policy losses by name, the value loss, loss aggregation.
+"""PPO math for RLHF: per-token rewards and score shaping, policy losses by name (with dual-clip),
+the rollout importance-sampling correction, the value loss, loss aggregation.
 
 Shapes: every per-token tensor is `[batch, T]` over response positions, with `mask` 1 for response
 tokens (0 after EOS and for padding). Functions are pure: inputs are never mutated.
@@ -8,7 +9,13 @@ per-token weights of the aggregation mode (`token_weights`) and the normalizer c
 the whole optimizer step (over every micro-batch and every data-parallel rank) by
 `loss_normalizer`. So a micro-batch's loss is already its share of the
 step's loss, gradients summed over micro-batches and ranks are the gradients of that loss at any
-layout, and no caller rescales a mean.
+layout, and no caller rescales a mean. With l_{i,t} the per-token loss of response i (|y_i|
+tokens), B responses and N = sum_i |y_i| tokens in the step, and T = generation.max_new_tokens:
+
+    token-mean               sum_{i,t} l_{i,t} / N
+    seq-mean-token-sum       sum_i (sum_t l_{i,t}) / B
+    seq-mean-token-mean      sum_i (sum_t l_{i,t} / |y_i|) / B
+    seq-mean-token-sum-norm  sum_i (sum_t l_{i,t}) / (B * T)      (Dr. GRPO's constant horizon)
 """
 
 from __future__ import annotations
@@ -62,6 +69,35 @@ def token_rewards(
         has_tokens, scores.to(bonus.dtype), 0.0
     )
     return non_score + bonus, kl, non_score
+
+
+def missing_eos_penalties(has_eos: torch.Tensor, penalty: float) -> torch.Tensor:
+    """TRL's missing-EOS penalty [b], an amount subtracted from each response's score: `penalty`
+    where the response holds no EOS token (it ran to generation.max_new_tokens), else 0.
+
+    Args:
+        has_eos: [b] bool.
+        penalty: ppo.missing_eos_penalty.
+    """
+    return (~has_eos.bool()).to(torch.float32) * penalty
+
+
+def overlong_penalties(
+    lengths: torch.Tensor, max_len: int, buffer_len: int, factor: float
+) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) [b], an amount subtracted from
+    each response's score: 0 up to L_max - L_buf tokens, then linear up to `factor` at L_max:
+
+        factor * clamp((|y| - (L_max - L_buf)) / L_buf, 0, 1)
+
+    Args:
+        lengths: [b] response tokens |y| (EOS included).
+        max_len: L_max, generation.max_new_tokens.
+        buffer_len: L_buf >= 1, ppo.overlong_buffer_len.
+        factor: ppo.overlong_penalty_factor.
+    """
+    excess = lengths.to(torch.float64) - (max_len - buffer_len)
+    return (factor * (excess / buffer_len).clamp(0.0, 1.0)).to(torch.float32)
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -121,14 +157,18 @@ def clipped_surrogate(
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     clip_eps: float = 0.2,
+    dual_clip_c: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate per token: max(-A r, -A clip(r, 1-eps, 1+eps)), r = exp(logp -
-    old_logp).
+    old_logp); with dual_clip_c = c > 1 (Ye et al. 2020), where A < 0 the loss is further
+    bounded by -c A: min(max(-A r, -A clip(r)), -c A), so a token whose ratio has grown large
+    (r > c) under a negative advantage contributes a constant (no gradient) instead of an
+    unbounded term. c = 0 is off.
 
     Returns:
         (loss [b, T], per-token stats {"clipped": 1 where the clipped term was taken,
-        "approx_kl": (old_logp - logp)^2 / 2 (k2 between old and new policy), "ratio": r}),
-        the stats detached.
+        "approx_kl": (old_logp - logp)^2 / 2 (k2 between old and new policy), "ratio": r, and
+        with dual-clip "dual_clipped": 1 where the -c A bound was taken}), the stats detached.
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
@@ -141,11 +181,42 @@ def clipped_surrogate(
             "approx_kl": 0.5 * log_ratio**2,
             "ratio": ratio,
         }
+    if dual_clip_c > 0:
+        bound = -advantages * dual_clip_c
+        lower = (advantages < 0) & (loss > bound)
+        loss = torch.where(advantages < 0, torch.minimum(loss, bound), loss)
+        stats["dual_clipped"] = lower.float().detach()
     return loss, stats
 
 
-# name -> fn(logprobs, old_logprobs, advantages, clip_eps) -> (loss [b, T], per-token stats)
+# name -> fn(logprobs, old_logprobs, advantages, clip_eps, dual_clip_c) -> (loss [b, T], stats)
 POLICY_LOSSES: dict[str, Callable] = {"ppo": clipped_surrogate}
+
+
+def truncated_is_weights(
+    old_logprobs: torch.Tensor, gen_logprobs: torch.Tensor, mask: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Truncated importance-sampling weights [b, T] of the rollout correction (Yao et al. 2025,
+    "Your efficient RL framework secretly brings you off-policy RL"): the tokens were sampled
+    from the generation engine's distribution, the PPO ratio is taken against the training
+    layout's, so each token's loss is weighted by
+
+        w = min(exp(old_logp - gen_logp), cap)        0 outside the mask, no gradient.
+
+    Args:
+        old_logprobs: [b, T] the training-layout log-probs before the update.
+        gen_logprobs: [b, T] generation's log-probs of the same tokens.
+        mask: [b, T] response tokens.
+        cap: C (ppo.rollout_is_cap).
+    """
+    with torch.no_grad():
+        w = torch.exp(old_logprobs - gen_logprobs).clamp(max=cap)
+        return w * mask
+
+
+# ppo.rollout_is name -> fn(old_logprobs, gen_logprobs, mask, cap) -> weights [b, T]; "none" is
+# the uncorrected loss.
+ROLLOUT_CORRECTIONS: dict[str, Callable] = {"tis": truncated_is_weights}
 
 
 def clipped_value_loss(

@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from megarlhf.algos.advantages import ADVANTAGE_ESTIMATORS
-from megarlhf.algos.ppo import LOSS_AGGREGATIONS, POLICY_LOSSES
+from megarlhf.algos.ppo import LOSS_AGGREGATIONS, POLICY_LOSSES, ROLLOUT_CORRECTIONS
 from megarlhf.config.data import PPODataConfig
 from megarlhf.config.generation import GenerationConfig
 from megarlhf.config.loader import check, check_choice, inline
@@ -66,11 +66,13 @@ class RolloutConfig:
 
 @dataclass
 class PPOAlgoConfig:
-    """The algorithm: advantages, rewards and their KL penalty, the losses, the update epochs,
-    PPO-ptx and the EMA."""
+    """The algorithm: advantages, rewards and their KL penalty and shaping, the losses and their
+    corrections, the update epochs, the critic warm-up, PPO-ptx and the EMA."""
 
     # "gae" (PPO with the critic), or critic-free "rloo" / "grpo" (group baselines over the K
-    # answers of a prompt; no critic is built or trained). See megarlhf.algos.advantages.
+    # answers of a prompt), "reinforce" / "reinforce_baseline" (REINFORCE++, whitened returns;
+    # the baseline variant subtracts the group mean first); no critic is built or trained for
+    # those. See megarlhf.algos.advantages.
     advantage_estimator: str = "gae"
     # Optimizer steps per PPO epoch: the rollout batch is split into this many minibatches.
     num_minibatches: int = 1
@@ -89,6 +91,15 @@ class PPOAlgoConfig:
     # Whiten RM scores over the whole rollout batch (all DP ranks) before clipping and adding
     # them; metrics still report the raw scores.
     whiten_rewards: bool = False
+    # Subtracted from the score of a response without EOS (it ran to generation.max_new_tokens),
+    # before whitening and clipping (TRL's missing_eos_penalty); 0: off.
+    missing_eos_penalty: float = 0.0
+    # DAPO's soft overlong punishment: a response in the last L_buf tokens before
+    # generation.max_new_tokens loses up to ppo.overlong_penalty_factor of its score, linearly
+    # in its length (0 at max - L_buf, the factor at max); 0: off.
+    overlong_buffer_len: int = 0
+    # The overlong penalty at generation.max_new_tokens tokens.
+    overlong_penalty_factor: float = 1.0
     # GAE discount.
     gamma: float = 1.0
     # GAE lambda.
@@ -102,10 +113,22 @@ class PPOAlgoConfig:
     loss_agg: str = "token-mean"
     # PPO clipping range of the probability ratio.
     clip_eps: float = 0.2
+    # Dual-clip PPO (Ye et al. 2020): where A < 0 the clipped surrogate is further bounded by
+    # -c * A (veRL's clip_ratio_c, e.g. 3.0); 0: off, else > 1.
+    dual_clip_c: float = 0.0
+    # Rollout importance-sampling correction: "none", or "tis" (each token's policy loss times
+    # min(exp(old_logp - gen_logp), ppo.rollout_is_cap), the training-layout over the
+    # generation probability; needs ppo.recompute_old_logprobs=true).
+    rollout_is: str = "none"
+    # The cap C of the truncated importance weights.
+    rollout_is_cap: float = 2.0
     # Clipping range of the value update around the old values (0: unclipped).
     value_clip: float = 0.2
     # Entropy bonus coefficient (0: off).
     entropy_coef: float = 0.0
+    # PPO steps at the start in which only the critic trains: the actor is frozen (no actor
+    # optimizer step, so no EMA fold and no PTX batch drawn) and the KL controller is held; 0: off.
+    critic_warmup_steps: int = 0
     # PPO-ptx coefficient gamma of the pretraining next-token loss (InstructGPT: 27.8); 0: off.
     ptx_coef: float = 0.0
     # PTX rows per optimizer step over all training-DP ranks.
@@ -129,6 +152,17 @@ class PPOAlgoConfig:
         for k in ("value_clip", "score_clip", "ptx_coef"):
             check(getattr(self, k) >= 0, k, "must be >= 0 (0: off)")
         check(self.entropy_coef >= 0, "entropy_coef", "must be >= 0")
+        check(
+            self.dual_clip_c == 0 or self.dual_clip_c > 1,
+            "dual_clip_c",
+            f"must be 0 (off) or > 1 (a bound -c * A below the clipped surrogate), got "
+            f"{self.dual_clip_c}",
+        )
+        check_choice(self.rollout_is, ("none", *ROLLOUT_CORRECTIONS), "rollout_is")
+        check(self.rollout_is_cap > 0, "rollout_is_cap", f"must be > 0, got {self.rollout_is_cap}")
+        for k in ("missing_eos_penalty", "overlong_buffer_len", "critic_warmup_steps"):
+            check(getattr(self, k) >= 0, k, f"must be >= 0 (0: off), got {getattr(self, k)}")
+        check(self.overlong_penalty_factor >= 0, "overlong_penalty_factor", "must be >= 0")
         check(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
 
 
@@ -153,6 +187,26 @@ class PPOConfig:
             f"{k}: ppo.advantage_estimator={self.algo.advantage_estimator} needs at least "
             f"{need} answers per prompt",
         )
+        a = self.algo
+        check(
+            a.rollout_is == "none" or self.rollout.recompute_old_logprobs,
+            "rollout_is",
+            f"{a.rollout_is} weighs the training-layout old log-probs against generation's: it "
+            "needs ppo.recompute_old_logprobs=true (else the two are the same and w = 1)",
+        )
+        if a.critic_warmup_steps:
+            check(
+                ADVANTAGE_ESTIMATORS[a.advantage_estimator].needs_critic,
+                "critic_warmup_steps",
+                f"{a.critic_warmup_steps}: ppo.advantage_estimator={a.advantage_estimator} "
+                "has no critic to warm up",
+            )
+            check(
+                a.critic_warmup_steps < self.loop.max_steps,
+                "critic_warmup_steps",
+                f"{a.critic_warmup_steps} >= ppo.max_steps={self.loop.max_steps}: the actor "
+                "would never train",
+            )
 
 
 @dataclass
@@ -190,6 +244,12 @@ class PPORunConfig(RunSections):
             f"{self.data.max_prompt_len} + generation.max_new_tokens "
             f"{self.generation.max_new_tokens} = {need} exceeds model.max_seq_len="
             f"{self.model.max_seq_len}",
+        )
+        check(
+            self.ppo.algo.overlong_buffer_len <= self.generation.max_new_tokens,
+            "ppo.overlong_buffer_len",
+            f"{self.ppo.algo.overlong_buffer_len} exceeds generation.max_new_tokens="
+            f"{self.generation.max_new_tokens}",
         )
         check(
             self.data.ptx_seq_len <= self.model.max_seq_len,

@@ -2,10 +2,12 @@
 fills it from rollout samples with forward-only passes of the actor, reference, critic and reward.
 
 The maker's stages, in order (veRL's names): collate the samples, `compute_old_log_prob`,
-`compute_ref_log_prob`, `compute_values`, `compute_scores`, `compute_rewards`,
-`compute_advantages`. Each is one method; the RL math they call is in `megarlhf.algos`. Forward
-passes run in the training layout through the pipeline schedule; the last stage's outputs are
-broadcast over the pipeline, so every rank holds the whole experience of its DP slice.
+`compute_ref_log_prob`, `compute_values`, `compute_scores`, `compute_score_penalties` (missing
+EOS, overlong), `compute_rewards`, `compute_advantages`, `compute_is_weights` (the rollout
+importance-sampling correction). Each is one method; the RL math they call is in
+`megarlhf.algos`. Forward passes run in the training layout through the pipeline schedule; the
+last stage's outputs are broadcast over the pipeline, so every rank holds the whole experience of
+its DP slice.
 
 Log-prob semantics: `logprobs_from_logits(..., temperature=T)` with the sampling temperature T
 (1 when sampling greedily), before top-k / top-p: exactly what generation reports.
@@ -23,7 +25,12 @@ import torch
 from megarlhf.algos.advantages import ADVANTAGE_ESTIMATORS
 from megarlhf.algos.dp_stats import dp_gather_rows, dp_max, dp_named_sums, dp_whiten, my_rows
 from megarlhf.algos.kl_controller import KLController
-from megarlhf.algos.ppo import token_rewards
+from megarlhf.algos.ppo import (
+    ROLLOUT_CORRECTIONS,
+    missing_eos_penalties,
+    overlong_penalties,
+    token_rewards,
+)
 from megarlhf.config.ppo import PPOAlgoConfig
 from megarlhf.engine.hybrid import Sample
 from megarlhf.engine.packing import IGNORE, PackedLayout, build_layout, row_groups
@@ -55,6 +62,7 @@ class Experience:
         rewards         [b, T] fp32   -beta * KL per token, plus the RM score at the last token
         advantages      [b, T] fp32   from the advantage estimator (whitened when configured)
         returns         [b, T] fp32   the critic's targets
+        is_weights      [b, T] fp32   rollout importance weights of the policy loss (None: off)
     Per row:
         scores          [b] fp32      reward of the whole response (RM score or reward_fn)
     The stage outputs are None until their stage has run.
@@ -73,6 +81,7 @@ class Experience:
     rewards: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    is_weights: torch.Tensor | None = None
     # Packed layouts of these rows, by (pack, pad_id) (see `layout`).
     layouts: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -265,6 +274,8 @@ class ExperienceMaker:
         batching: how rows become micro-batches (packing, token budget).
         temperature: the sampling temperature of the log-probs.
         group_size: samples per prompt (consecutive rows).
+        recompute_old_logprobs: old log-probs from a training-layout forward (else generation's).
+        eos_id: the tokenizer's EOS (ppo.missing_eos_penalty looks for it in each response).
     """
 
     def __init__(
@@ -282,12 +293,16 @@ class ExperienceMaker:
         temperature: float,
         group_size: int,
         recompute_old_logprobs: bool = True,
+        eos_id: int | None = None,
     ):
         self.actor, self.reference, self.critic, self.scorer = actor, reference, critic, scorer
         self.kl_ctl, self.algo, self.ps, self.fwd_bwd = kl_ctl, algo, ps, fwd_bwd
         self.batching, self.temperature = batching, temperature
         self.group_size, self.recompute_old_logprobs = group_size, recompute_old_logprobs
         self.estimator = ADVANTAGE_ESTIMATORS[algo.advantage_estimator]
+        if algo.missing_eos_penalty > 0 and eos_id is None:
+            raise ValueError("ppo.missing_eos_penalty needs the tokenizer's EOS id")
+        self.eos_id = eos_id
 
     @torch.no_grad()
     def make(self, samples: list[Sample], width: int, n: int, pad_id: int, timer: StageTimer):
@@ -310,9 +325,13 @@ class ExperienceMaker:
         with timer("time_reward"):
             exp.scores = self.compute_scores(exp, samples)
         with timer("time_advantages"):
-            exp.rewards, kl, non_score = self.compute_rewards(exp)
+            penalties = self.compute_score_penalties(exp)
+            exp.rewards, kl, non_score = self.compute_rewards(exp, penalties)
             exp.advantages, exp.returns = self.compute_advantages(exp)
-        return exp, self.rollout_stats(exp, kl, non_score, entropy)
+            exp.is_weights = self.compute_is_weights(exp)
+        stats = self.rollout_stats(exp, kl, non_score, entropy)
+        stats.update(self.option_stats(exp, penalties))
+        return exp, stats
 
     # -- the stages -------------------------------------------------------------------------
 
@@ -349,11 +368,29 @@ class ExperienceMaker:
         """Reward [b] of each whole response."""
         return self.scorer(exp, samples, self)
 
-    def compute_rewards(self, exp: Experience):
-        """Per-token rewards [b, T] (and the KL [b, T] and -beta * KL behind them). RM scores are
-        whitened over the whole rollout batch first with ppo.whiten_rewards."""
+    def compute_score_penalties(self, exp: Experience) -> dict[str, torch.Tensor]:
+        """The amounts [b] each response's score loses, by name: "missing_eos"
+        (ppo.missing_eos_penalty) and "overlong" (ppo.overlong_buffer_len); only those on."""
+        a, out = self.algo, {}
+        if a.missing_eos_penalty > 0:
+            has_eos = (exp.responses == self.eos_id).any(-1)
+            out["missing_eos"] = missing_eos_penalties(has_eos, a.missing_eos_penalty)
+        if a.overlong_buffer_len > 0:
+            lengths = exp.mask.sum(-1)
+            out["overlong"] = overlong_penalties(
+                lengths, exp.response_width, a.overlong_buffer_len, a.overlong_penalty_factor
+            )
+        return out
+
+    def compute_rewards(self, exp: Experience, penalties: dict | None = None):
+        """Per-token rewards [b, T] (and the KL [b, T] and -beta * KL behind them). The score
+        penalties [b] are subtracted from the scores first, then the scores are whitened over
+        the whole rollout batch with ppo.whiten_rewards, then clipped (ppo.score_clip)."""
         a = self.algo
-        scores = dp_whiten(exp.scores, None, self.ps) if a.whiten_rewards else exp.scores
+        scores = exp.scores
+        for p in (penalties or {}).values():
+            scores = scores - p
+        scores = dp_whiten(scores, None, self.ps) if a.whiten_rewards else scores
         return token_rewards(
             scores,
             exp.old_logprobs,
@@ -374,9 +411,18 @@ class ExperienceMaker:
         adv, ret = est.fn(*inputs, gamma=a.gamma, lam=a.lam, group_size=self.group_size)
         if est.whole_groups:
             adv, ret = my_rows(adv, self.ps), my_rows(ret, self.ps)
-        if a.whiten_advantages:
+        if a.whiten_advantages or est.always_whiten:
             adv = dp_whiten(adv, exp.mask, self.ps)
         return adv, ret
+
+    def compute_is_weights(self, exp: Experience) -> torch.Tensor | None:
+        """Rollout importance weights [b, T] of the policy loss by ppo.rollout_is (None: off),
+        from the training-layout old log-probs against generation's."""
+        a = self.algo
+        if a.rollout_is == "none":
+            return None
+        fn = ROLLOUT_CORRECTIONS[a.rollout_is]
+        return fn(exp.old_logprobs, exp.gen_logprobs, exp.mask, a.rollout_is_cap)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -412,6 +458,30 @@ class ExperienceMaker:
             "response_tokens": sums["tokens"],
             "logprob_mismatch": world_max(float(gap), self.ps),
         }
+
+    def option_stats(self, exp: Experience, penalties: dict) -> dict:
+        """Metrics of the options that are on, over the whole rollout batch: missing_eos_frac,
+        overlong_penalty_mean (per response), is_weight_mean (per token), is_weight_max."""
+        local = {"rows": float(exp.rows), "tokens": float(exp.mask.sum())}
+        if "missing_eos" in penalties:
+            local["missing_eos"] = float((penalties["missing_eos"] > 0).sum())
+        if "overlong" in penalties:
+            local["overlong"] = float(penalties["overlong"].double().sum())
+        if exp.is_weights is not None:
+            local["is_w"] = float(exp.is_weights.double().sum())
+        if len(local) == 2:
+            return {}
+        sums = dp_named_sums(local, self.ps)
+        out = {}
+        if "missing_eos" in sums:
+            out["missing_eos_frac"] = sums["missing_eos"] / max(sums["rows"], 1.0)
+        if "overlong" in sums:
+            out["overlong_penalty_mean"] = sums["overlong"] / max(sums["rows"], 1.0)
+        if "is_w" in sums:
+            out["is_weight_mean"] = sums["is_w"] / max(sums["tokens"], 1.0)
+            top = exp.is_weights.max() if exp.is_weights.numel() else 0.0
+            out["is_weight_max"] = world_max(float(top), self.ps)
+        return out
 
     def _forward(self, model, exp: Experience, fn, trailing=(), outputs="response"):
         """Forward-only pass over `exp`'s packed micro-batches, the head run only where

@@ -18,6 +18,13 @@ Losses are per-token terms reduced by `algos.ppo.aggregate` with a normalizer ov
 minibatch (all micro-batches, all DP ranks), so gradients are the same at any DP size or
 micro-batch split (DeepSpeedModel sums over micro-batches and DP).
 
+Critic warm-up (`ppo.critic_warmup_steps` = N): in the first N PPO steps the rollout and the
+experience are made as usual and the critic trains, but the actor takes no optimizer step; so no
+EMA fold, no PTX batch is drawn (the PTX stream starts with the first actor step), the actor's LR
+schedule does not advance (it spans the max_steps - N steps that train the actor) and the KL
+controller is held (the policy did not move, so its KL says nothing about beta). All of it is a
+function of the saved step counter and states, so a resume inside or across the warm-up is exact.
+
 The step cadence (metrics, saving, hooks, fault injection, resume) is the shared `TrainLoop`;
 checkpoints hold actor and critic with their optimizers, the data positions, the KL controller,
 the EMA and every RNG, so a run resumes exactly.
@@ -185,7 +192,8 @@ class PPOTrainer(TrainLoop):
             logger.warning("%s: no checkpoint given, random initialization (tests / demos)", what)
         return model
 
-    def _trained(self, module: GPTModel, optim) -> DeepSpeedModel:
+    def _trained(self, module: GPTModel, optim, frozen_steps: int = 0) -> DeepSpeedModel:
+        """`module` under DeepSpeed; its LR schedule spans the PPO steps after `frozen_steps`."""
         lp, a = self.loop_cfg, self.algo
         return DeepSpeedModel(
             module,
@@ -194,7 +202,7 @@ class PPOTrainer(TrainLoop):
             deepspeed=self.cfg.deepspeed,
             micro_batch_size=lp.micro_batch_size,
             grad_accum=1,
-            total_steps=lp.max_steps * a.ppo_epochs * a.num_minibatches,
+            total_steps=(lp.max_steps - frozen_steps) * a.ppo_epochs * a.num_minibatches,
         )
 
     def _build_models(self) -> None:
@@ -213,7 +221,7 @@ class PPOTrainer(TrainLoop):
         if self.reward_fn is None:
             what = "reward model (ppo.reward_model)"
             reward_model = self._model(cfg.critic_model(), seed + 1, r.reward_model, what)
-        self.actor = self._trained(actor, cfg.optim)
+        self.actor = self._trained(actor, cfg.optim, self.algo.critic_warmup_steps)
         self.critic = self._trained(critic, cfg.critic_optim) if critic is not None else None
         # Frozen models run where the actor runs; optionally parked in CPU memory between uses.
         device = next(self.actor.module.parameters()).device
@@ -255,6 +263,7 @@ class PPOTrainer(TrainLoop):
             batching=self.batching, temperature=self.temperature,
             group_size=self.rollout_cfg.samples_per_prompt,
             recompute_old_logprobs=self.rollout_cfg.recompute_old_logprobs,
+            eos_id=self.tokenizer.eos_id,
         )  # fmt: skip
         self.total_steps = self.loop_cfg.max_steps
         self.counters = PPOCounters()
@@ -318,13 +327,22 @@ class PPOTrainer(TrainLoop):
         exp, rec = self.maker.make(
             samples, width, self.cfg.generation.max_new_tokens, self.tokenizer.pad_id, timer
         )
+        frozen = self.actor_frozen
         with timer("time_update_actor"):
             rec.update(self.update_actor(exp))
         with timer("time_update_critic"):
             rec.update(self.update_critic(exp))
-        self.kl_ctl.update(rec["kl"], self.rollout_cfg.rollout_batch_size * self.group_size)
+        if not frozen:  # held during the critic warm-up: the policy did not move
+            self.kl_ctl.update(rec["kl"], self.rollout_cfg.rollout_batch_size * self.group_size)
+        if self.algo.critic_warmup_steps:
+            rec["actor_frozen"] = float(frozen)
         rec.update(self.hybrid.timings, kl_coef=beta, **timer.times)
         return rec
+
+    @property
+    def actor_frozen(self) -> bool:
+        """True in the critic warm-up: this PPO step trains the critic only."""
+        return self.counters.step < self.algo.critic_warmup_steps
 
     @property
     def group_size(self) -> int:
@@ -355,13 +373,17 @@ class PPOTrainer(TrainLoop):
     # ----------------------------------------------------------------------------- updates
 
     def update_actor(self, exp: Experience) -> dict:
-        """The actor's optimizer steps over the experience (each with its PTX batch)."""
-        sums = dict.fromkeys(("pg", "clip", "akl", "ptx", "tokens", "ptx_tokens"), 0.0)
+        """The actor's optimizer steps over the experience (each with its PTX batch); none in
+        the critic warm-up."""
+        names = ("pg", "clip", "akl", "dual", "ptx")
+        sums = dict.fromkeys((*names, "tokens", "ptx_tokens"), 0.0)
         grad_norms = []
-        for part in self.minibatches(exp):
+        for part in () if self.actor_frozen else self.minibatches(exp):
             weights = token_weights(part.mask, self.algo.loss_agg)
             per_token = {"old_logprobs": part.old_logprobs, "advantages": part.advantages,
                          "weights": weights, "mask": part.mask}  # fmt: skip
+            if part.is_weights is not None:
+                per_token["is_weights"] = part.is_weights
             mbs = micro_batches(part, self.batching, self.ps, per_token)
             norm = self.normalizer(part)
             ptx_mbs, ptx_norm = self.ptx_micro_batches()
@@ -371,22 +393,29 @@ class PPOTrainer(TrainLoop):
             grad_norms.append(self.actor.step()["grad_norm"])
             if self.ema is not None:
                 self.ema.update()
-            local = [sum(s[k] for s in st) for k in ("pg", "clip", "akl")]
+            local = [sum(s[k] for s in st) for k in names[:-1]]
             local.append(sum(s["ptx"] for s in pst))
             totals = sum_over_replicas(local, self.ps)
-            for k, v in zip(("pg", "clip", "akl", "ptx"), totals, strict=True):
+            for k, v in zip(names, totals, strict=True):
                 sums[k] += v
             sums["tokens"] += loss_normalizer([part.mask], "token-mean", self._dp_sum)
             sums["ptx_tokens"] += ptx_norm if ptx_mbs else 0.0
+        return self._actor_record(sums, grad_norms)
+
+    def _actor_record(self, sums: dict, grad_norms: list[float]) -> dict:
+        """The actor metrics of a step's updates (zeros when none ran)."""
         tok = max(sums["tokens"], 1.0)
-        return {
+        rec = {
             "policy_loss": sums["pg"] / tok,
             "clipfrac": sums["clip"] / tok,
             "approx_kl": sums["akl"] / tok,
             "ptx_loss": sums["ptx"] / sums["ptx_tokens"] if sums["ptx_tokens"] else 0.0,
-            "grad_norm": sum(grad_norms) / len(grad_norms),
+            "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else 0.0,
             "lr": self.actor.current_lr(),
         }
+        if self.algo.dual_clip_c > 0:
+            rec["dual_clipfrac"] = sums["dual"] / tok
+        return rec
 
     def update_critic(self, exp: Experience) -> dict:
         """The critic's optimizer steps over the experience (none without a critic)."""
@@ -439,14 +468,20 @@ class PPOTrainer(TrainLoop):
             pk = mb["packed"]
             lp = packed_logprobs(out, mb, self.ps, self.temperature, entropy=with_entropy)
             logp, ent = lp if with_entropy else (lp, None)
-            pg, st = policy_loss(logp, pk["old_logprobs"], pk["advantages"], a.clip_eps)
+            pg, st = policy_loss(
+                logp, pk["old_logprobs"], pk["advantages"], a.clip_eps, a.dual_clip_c
+            )
+            if "is_weights" in pk:  # ppo.rollout_is: the policy term only, not the entropy
+                pg = pg * pk["is_weights"]
             total = pg + entropy_bonus(ent, a.entropy_coef) if with_entropy else pg
             loss = aggregate(total, pk["weights"], normalizer)
             m = pk["mask"]
+            dual = st.get("dual_clipped")
             return loss, {
                 "pg": float((pg.detach() * m).sum()),
                 "clip": float((st["clipped"] * m).sum()),
                 "akl": float((st["approx_kl"] * m).sum()),
+                "dual": float((dual * m).sum()) if dual is not None else 0.0,
             }
 
         return loss_fn
