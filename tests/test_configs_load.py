@@ -11,15 +11,16 @@ import pytest
 import yaml
 
 from megarlhf.config import ConfigError, ModelFileConfig, load_config
+from megarlhf.config.dpo import DPORunConfig
 from megarlhf.config.ppo import PPORunConfig
 from megarlhf.config.rm import RMRunConfig
 from megarlhf.config.sft import SFTRunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_CONFIGS = {"sft": SFTRunConfig, "rm": RMRunConfig, "ppo": PPORunConfig}
+RUN_CONFIGS = {"sft": SFTRunConfig, "rm": RMRunConfig, "ppo": PPORunConfig, "dpo": DPORunConfig}
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml"))
 SECTIONS = (
-    "model|parallel|data|optim|critic_optim|deepspeed|sft|rm|ppo|generation|checkpoint|logging"
+    "model|parallel|data|optim|critic_optim|deepspeed|sft|rm|ppo|dpo|generation|checkpoint|logging"
 )
 OVERRIDE = re.compile(rf"(?<![\w./-])((?:{SECTIONS})\.[a-z_.]+=[^\s`'\"|)\]]+)")
 
@@ -79,7 +80,7 @@ def test_documented_override_is_a_valid_key(doc, item):
     """Applied to the tiny config of each stage, it loads in at least one (values that only
     make sense with other overrides, e.g. a layout, may be refused for their value, never for
     their key)."""
-    tiny = {"sft": "sft_tiny", "rm": "rm_tiny", "ppo": "ppo_tiny"}
+    tiny = {"sft": "sft_tiny", "rm": "rm_tiny", "ppo": "ppo_tiny", "dpo": "dpo_tiny"}
     errors = []
     for stage, cls in RUN_CONFIGS.items():
         try:
