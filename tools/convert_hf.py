@@ -9,6 +9,10 @@
     # a reward model / critic (scalar head) <-> *ForSequenceClassification (num_labels outputs)
     python tools/convert_hf.py --hf-to-megarlhf HF_RM CKPT --tp 2
     python tools/convert_hf.py --megarlhf-to-hf RM_CKPT OUT --score-bias fold --pad-token-id 0
+    # a LoRA checkpoint (adapters only): merged weights as above, or its adapters as a PEFT
+    # folder that peft.PeftModel.from_pretrained(HF base, OUT) loads
+    python tools/convert_hf.py --megarlhf-to-hf LORA_CKPT OUT
+    python tools/convert_hf.py --peft LORA_CKPT OUT --base-model HuggingFaceTB/SmolLM2-135M
 
 One CPU process, streaming tensor by tensor (peak memory is about the largest full tensor, not the
 model). Output is staged in a temp folder beside OUT and renamed at the end: an error leaves none.
@@ -24,7 +28,13 @@ import time
 from pathlib import Path
 
 from megarlhf.checkpoint.model_shards import CheckpointError
-from megarlhf.convert import SCORE_BIAS_POLICIES, hf_to_megarlhf, megarlhf_to_hf, reshard
+from megarlhf.convert import (
+    SCORE_BIAS_POLICIES,
+    hf_to_megarlhf,
+    megarlhf_to_hf,
+    megarlhf_to_peft,
+    reshard,
+)
 from megarlhf.utils.rss import peak_rss_bytes
 
 
@@ -46,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--hf-to-megarlhf", nargs=2, metavar=("HF_DIR", "OUT"))
     mode.add_argument("--megarlhf-to-hf", nargs=2, metavar=("CKPT", "OUT"))
     mode.add_argument("--reshard", nargs=2, metavar=("CKPT", "OUT"))
+    mode.add_argument(
+        "--peft",
+        nargs=2,
+        metavar=("LORA_CKPT", "OUT"),
+        help="a LoRA checkpoint's adapters as a PEFT adapter folder",
+    )
     p.add_argument("--tp", type=int, default=1, help="target tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="target pipeline-parallel size")
     p.add_argument(
@@ -79,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="export: set config.json pad_token_id (sequence classifiers need it for batches > 1)",
     )
+    p.add_argument(
+        "--base-model",
+        help="--peft: base_model_name_or_path to record (default: the HF model the base came "
+        "from, else the base checkpoint's path)",
+    )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     return p
 
@@ -111,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
                 pad_token_id=args.pad_token_id,
             )
             what = f"HF {hf_cfg['architectures'][0]} folder"
+        elif args.peft:
+            src, out = args.peft
+            peft_cfg = megarlhf_to_peft(src, out, overwrite=args.force, base_model=args.base_model)
+            what = (
+                f"PEFT LoRA adapter (r={peft_cfg['r']}, {len(peft_cfg['target_modules'])} modules)"
+            )
         else:
             src, out = args.reshard
             cfg = reshard(src, out, tp=args.tp, pp=args.pp, overwrite=args.force)

@@ -24,6 +24,10 @@ a different layout instead of silently re-sharding optimizer-less weights.
 Files are read and written tensor by tensor (`safetensors_io`), so loading and converting never hold
 more than one full tensor beyond the rank's own weights.
 
+LoRA (model.lora.rank > 0): the directory holds only the trained tensors (the adapters, and a
+scalar head) and names its base in meta.json; `ModelShardsReader` and `load_model_shard` read it
+as the merged model (checkpoint/lora_shards.py).
+
 Integrity: every file read (meta.json, each rank file opened) is first checked against its
 recorded checksum (`checksums.py`): the enclosing atomic checkpoint's COMPLETE.json when the
 directory is (or is a subfolder of) a training `step_N`, else the sidecars in `model/`. A corrupt
@@ -48,9 +52,25 @@ from megarlhf.checkpoint import checksums
 from megarlhf.checkpoint.atomic import MANIFEST as ATOMIC_MANIFEST
 from megarlhf.checkpoint.atomic import find_latest
 from megarlhf.checkpoint.errors import CheckpointError, CorruptCheckpointError
+from megarlhf.checkpoint.lora_shards import (
+    META_KEY,
+    AdapterMeta,
+    LoRABase,
+    MergedView,
+    select_stored,
+    split_meta,
+)
 from megarlhf.checkpoint.safetensors_io import SafetensorsFile, SafetensorsStreamWriter
 from megarlhf.config import ConfigError, ModelConfig, from_dict, to_dict
-from megarlhf.model.gpt import layer_range, padded_vocab_size, sharding_plan, stage_param_names
+from megarlhf.model.gpt import (
+    full_param_shape,
+    layer_range,
+    lora_sharding_plan,
+    padded_vocab_size,
+    sharding_plan,
+    stage_param_names,
+)
+from megarlhf.model.lora import trainable_names
 from megarlhf.parallel.sharding import ShardSpec, shard_tensor, unshard_tensors
 
 FORMAT_VERSION = 1
@@ -76,16 +96,23 @@ def rank_file(ckpt_dir: str | Path, tp_rank: int, pp_rank: int) -> Path:
 
 @dataclass(frozen=True)
 class ModelShardsMeta:
-    """Contents of `model/meta.json`."""
+    """Contents of `model/meta.json`. For a LoRA directory `model` is the merged model's config
+    (no adapters: what the directory reads as) and `adapters` says what it holds."""
 
     tp: int
     pp: int
     model: ModelConfig
     padded_vocab_size: int
+    adapters: AdapterMeta | None = None
 
 
-def write_meta(ckpt_dir: str | Path, cfg: ModelConfig, tp: int, pp: int) -> Path:
-    """Write `<dir>/model/meta.json` (atomically: temp file, then rename)."""
+def write_meta(
+    ckpt_dir: str | Path, cfg: ModelConfig, tp: int, pp: int, lora_base: LoRABase | None = None
+) -> Path:
+    """Write `<dir>/model/meta.json` (atomically: temp file, then rename); a LoRA model's
+    (cfg.lora on) needs its `lora_base`."""
+    if cfg.lora.enabled and lora_base is None:
+        raise CheckpointError("write_meta: a LoRA model's checkpoint needs its base (lora_base)")
     path = Path(ckpt_dir) / MODEL_SUBDIR / META_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -97,6 +124,8 @@ def write_meta(ckpt_dir: str | Path, cfg: ModelConfig, tp: int, pp: int) -> Path
             cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp
         ),
     }
+    if cfg.lora.enabled:
+        meta[META_KEY] = lora_base.to_json()
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, path)
@@ -169,8 +198,10 @@ def read_meta(ckpt_dir: str | Path) -> ModelShardsMeta:
             f"{path}: format {raw.get('format')!r} is not the supported {FORMAT_VERSION}"
         )
     try:
-        cfg = from_dict(ModelConfig, raw["model"], prefix="model.")
-        meta = ModelShardsMeta(int(raw["tp"]), int(raw["pp"]), cfg, int(raw["padded_vocab_size"]))
+        cfg, adapters = split_meta(from_dict(ModelConfig, raw["model"], prefix="model."), raw, path)
+        meta = ModelShardsMeta(
+            int(raw["tp"]), int(raw["pp"]), cfg, int(raw["padded_vocab_size"]), adapters
+        )
     except KeyError as e:
         raise CheckpointError(f"{path}: missing field {e}") from None
     except ConfigError as e:
@@ -259,6 +290,7 @@ def save_model_shard(
     pp: int,
     pp_rank: int,
     record_checksums: bool = True,
+    lora_base: LoRABase | None = None,
 ) -> Path:
     """Save one rank's model state dict (global names, local shard shapes) into `<dir>/model/`.
 
@@ -267,12 +299,18 @@ def save_model_shard(
     rank (0, 0) also writes meta.json. Extra non-parameter entries are an error, not skipped.
     With `record_checksums` (off inside an atomic checkpoint, whose manifest records them) the
     rank's sidecar `model/checksums.tpXX_ppYY.json` then records its files' sizes and checksums.
+    A LoRA model (cfg.lora on) stores only what it trains (base names in `state_dict` are
+    dropped) and records `lora_base` in meta.json.
 
     Returns:
         The path of the rank file.
     """
     plan = layout_plan(cfg, tp, pp)
     expected = stage_targets(cfg, pp, pp_rank)
+    if cfg.lora.enabled:
+        state_dict = select_stored(state_dict, cfg, pp, pp_rank, expected)
+        expected = {n: n for n in state_dict}
+        plan = plan | lora_sharding_plan(cfg, tp)
     names = set(state_dict)
     if names != set(expected):
         raise CheckpointError(
@@ -298,7 +336,7 @@ def save_model_shard(
     os.replace(tmp, path)
     names = [path.name]
     if tp_rank == 0 and pp_rank == 0:
-        write_meta(ckpt_dir, cfg, tp, pp)
+        write_meta(ckpt_dir, cfg, tp, pp, lora_base)
         names.append(META_FILE)
     if record_checksums:
         sidecar = path.parent / f"checksums.{path.name.removesuffix('.safetensors')}.json"
@@ -310,7 +348,8 @@ class ModelShardsReader:
     """Lazy reader of a checkpoint at any layout: full (unsharded, unpadded) tensors on demand.
 
     Only the shards of the requested tensor are read (`SafetensorsFile`, no memory map), so a
-    reader costs one full tensor at a time.
+    reader costs one full tensor at a time. A LoRA directory reads as its merged model (`cfg`
+    without adapters, W + (alpha / r) B A; its base is read one tensor at a time as well).
     """
 
     def __init__(self, ckpt_dir: str | Path):
@@ -318,7 +357,16 @@ class ModelShardsReader:
         self.meta = read_meta(ckpt_dir)
         self._checksums = recorded_checksums(ckpt_dir)
         self.cfg = self.meta.model
-        self._plan = sharding_plan(self.cfg, self.meta.tp)
+        adapters = self.meta.adapters
+        stored_cfg = adapters.model_config(self.cfg) if adapters else self.cfg
+        self._plan = sharding_plan(stored_cfg, self.meta.tp)
+        self._plan |= lora_sharding_plan(stored_cfg, self.meta.tp)
+        self._merged = None
+        if adapters is not None:
+            self._merged = MergedView(
+                stored_cfg, adapters, self.meta.padded_vocab_size, self.stored_tensor,
+                ModelShardsReader, self.ckpt_dir,
+            )  # fmt: skip
         self._stack = ExitStack()
         self._files: dict[tuple[int, int], object] = {}
         # Stored full name -> pipeline stage holding it (a tied output copy is not a source).
@@ -328,6 +376,14 @@ class ModelShardsReader:
                 if name == TIED_OUTPUT and self.cfg.tie_embeddings:
                     continue
                 self._stage_of.setdefault(name, p)
+        # Where each tensor the files hold lives (a LoRA directory: its trained tensors only).
+        self._file_stage = dict(self._stage_of)
+        if adapters is not None:
+            self._file_stage = {
+                n: p
+                for p in range(self.meta.pp)
+                for n in trainable_names(stored_cfg, self.meta.pp, p)
+            }
 
     def __enter__(self) -> ModelShardsReader:
         return self
@@ -336,6 +392,8 @@ class ModelShardsReader:
         self.close()
 
     def close(self) -> None:
+        if self._merged is not None:
+            self._merged.close()
         self._stack.close()
         self._files.clear()
 
@@ -362,14 +420,17 @@ class ModelShardsReader:
         return self._files[key]
 
     def _shards(self, name: str) -> Iterator[tuple[Path, object]]:
-        if name not in self._stage_of:
+        if name not in self._file_stage:
             raise CheckpointError(f"{self.ckpt_dir}: no parameter {name!r} in this checkpoint")
-        p = self._stage_of[name]
+        p = self._file_stage[name]
         for t in range(self.meta.tp):
             yield rank_file(self.ckpt_dir, t, p), self._open(t, p)
 
     def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         """(full unpadded shape, dtype) of a stored parameter, from the headers only."""
+        if self._merged is not None:
+            self._check_name(name)
+            return full_param_shape(self.cfg, name), self.cfg.torch_dtype
         shapes = []
         dtype = None
         for _, f in self._shards(name):
@@ -388,7 +449,20 @@ class ModelShardsReader:
         return self._open(tp_rank, pp_rank).get_tensor(name)
 
     def full_tensor(self, name: str) -> torch.Tensor:
-        """The full parameter, joined from every TP shard, with vocabulary padding removed."""
+        """The full parameter, joined from every TP shard, with vocabulary padding removed (a
+        LoRA directory: the merged parameter)."""
+        if self._merged is not None:
+            self._check_name(name)
+            return self._merged.full_tensor(name)
+        return self.stored_tensor(name)
+
+    def _check_name(self, name: str) -> None:
+        if name not in self._stage_of:
+            raise CheckpointError(f"{self.ckpt_dir}: no parameter {name!r} in this checkpoint")
+
+    def stored_tensor(self, name: str) -> torch.Tensor:
+        """A tensor the files hold, joined from every TP shard, vocabulary padding removed (in a
+        LoRA directory: an adapter factor `....lora.a` / `.lora.b`, or a trained head)."""
         spec, files = self._plan[name], [f for _, f in self._shards(name)]
         if len(files) == 1:
             full = files[0].get_tensor(name)  # tp=1: the shard is the full tensor
@@ -447,7 +521,7 @@ def load_model_shard(
     vp = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp)
     out = {}
     with ModelShardsReader(ckpt_dir) as reader:
-        same = (meta.tp, meta.pp) == (tp, pp)
+        same = (meta.tp, meta.pp) == (tp, pp) and meta.adapters is None
         for name, source in stage_targets(cfg, pp, pp_rank).items():
             if same:
                 # Same layout: the rank's own file holds the shard (a tied output copy included).

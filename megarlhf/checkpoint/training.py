@@ -29,6 +29,12 @@ is that the weights are stored twice (in DeepSpeed's module file and in our safe
 the shards are the portable copy. Resume reads weights from DeepSpeed's copy. Frozen models (the
 PPO reference and reward model) are not saved: they are reloaded from their own paths.
 
+LoRA (model.lora.rank > 0): `model/` holds only what trains (the adapters, and a scalar head)
+and names the base the frozen weights came from (checkpoint/lora_shards.py); DeepSpeed's module
+file leaves the frozen parameters out, and its optimizer never had them. Resuming reloads the base
+from that record first (`init_from.restore_base`), then DeepSpeed's state, so the run continues
+bitwise without a copy of the base in any checkpoint. Readers of `model/` see the merged model.
+
 Integrity: every file's checksum is in COMPLETE.json (`atomic.py`); `load_checkpoint` checks the
 files this rank is about to read (its DeepSpeed files, loop state and RNG state) before DeepSpeed
 or torch unpickles them, so a corrupt file is named instead of failing deep inside a loader. A
@@ -51,7 +57,9 @@ import torch
 import torch.distributed as dist
 
 from megarlhf.checkpoint import atomic
-from megarlhf.checkpoint.model_shards import RESHARD_HINT, save_model_shard
+from megarlhf.checkpoint.init_from import restore_base
+from megarlhf.checkpoint.lora_shards import LoRABase
+from megarlhf.checkpoint.model_shards import RESHARD_HINT, read_meta, save_model_shard
 from megarlhf.checkpoint.rng import load_rng_state, rng_file, save_rng_state
 from megarlhf.config import save_config
 from megarlhf.optim.deepspeed_model import DS_SUBDIR, DS_TAG, DeepSpeedModel
@@ -120,9 +128,12 @@ def _deepspeed_reads(files: Iterable[str], prefix: str, dp_rank: int, mp_rank: i
     return out
 
 
-def write_model_shard_files(tmp: Path, weights: dict, cfg, ps: ParallelState) -> list[Path]:
+def write_model_shard_files(
+    tmp: Path, weights: dict, cfg, ps: ParallelState, lora_base: LoRABase | None = None
+) -> list[Path]:
     """DP rank 0 of each (tp, pp) writes its weights shard into `tmp/model/` (TP/PP rank (0, 0)
-    also meta.json); returns the files this rank wrote."""
+    also meta.json); returns the files this rank wrote. A LoRA model writes what it trains and
+    records `lora_base`."""
     if ps.dp_rank != 0:
         return []
     # No checksum sidecar: the atomic manifest records every file's checksum.
@@ -136,6 +147,7 @@ def write_model_shard_files(tmp: Path, weights: dict, cfg, ps: ParallelState) ->
             pp=ps.pp_size,
             pp_rank=ps.pp_rank,
             record_checksums=False,
+            lora_base=lora_base,
         )
     ]
     if ps.tp_rank == 0 and ps.pp_rank == 0:
@@ -147,7 +159,13 @@ def _write_model(tmp: Path, model: DeepSpeedModel, weights: dict, ps: ParallelSt
     """DeepSpeed's state of `model` plus its portable weight shards; returns this rank's files."""
     model.save_state(tmp)
     files = _deepspeed_files(tmp, ps, model.mpu.get_model_parallel_rank())
-    return files + write_model_shard_files(tmp, weights, model.module.cfg, ps)
+    base = _lora_base(model)
+    return files + write_model_shard_files(tmp, weights, model.module.cfg, ps, base)
+
+
+def _lora_base(model: DeepSpeedModel) -> LoRABase | None:
+    """The base a LoRA model's checkpoint records (None: not a LoRA model)."""
+    return LoRABase.of(model.module) if model.module.cfg.lora.enabled else None
 
 
 def _tensor_bytes(tensors: Iterable) -> int:
@@ -241,7 +259,11 @@ def save_checkpoint(
     step = int(counters["step"])
     main = models[""]
     # ZeRO-3 gathers each parameter over DP: every rank takes part, DP rank 0 writes.
-    weights = {sub: m.full_state_dict() for sub, m in models.items()}
+    # LoRA: only the trained tensors (the frozen base is not saved, so not copied either).
+    weights = {
+        sub: m.full_state_dict(trainable_only=m.module.cfg.lora.enabled)
+        for sub, m in models.items()
+    }
     layout = layout_meta(ps, main.zero_stage)
 
     def write(tmp: Path) -> list[Path]:
@@ -249,7 +271,7 @@ def save_checkpoint(
         for sub, m in models.items():
             files += _write_model(tmp / sub if sub else tmp, m, weights[sub], ps)
         for sub, w in (extra_weights or {}).items():
-            files += write_model_shard_files(tmp / sub, w, main.module.cfg, ps)
+            files += write_model_shard_files(tmp / sub, w, main.module.cfg, ps, _lora_base(main))
         state = {"counters": dict(counters), **loop_state}
         files += _write_loop_state(tmp, ps, trackers, state, run_config)
         if ps.rank == 0:
@@ -369,11 +391,23 @@ def load_checkpoint(ckpt: Path, *, models: dict[str, DeepSpeedModel], ps: Parall
             raise ResumeError(f"{ckpt}: has no {sub}/ (saved by a run without a {sub}?)")
     atomic.verify_files(ckpt, files_to_read(ckpt, models, ps), _corrupt_hint(ckpt))
     for sub, m in models.items():
+        _restore_lora_base(ckpt / sub if sub else ckpt, m, ps)
         m.load_state(ckpt / sub if sub else ckpt)
     state = torch.load(path, weights_only=True)
     if dist.is_initialized():
         dist.barrier()
     return state
+
+
+def _restore_lora_base(model_dir: Path, model: DeepSpeedModel, ps: ParallelState) -> None:
+    """A LoRA model's frozen base, as its checkpoint in `model_dir` recorded it (before
+    DeepSpeed's state, which holds only what trains)."""
+    if not model.module.cfg.lora.enabled:
+        return
+    adapters = read_meta(model_dir).adapters
+    if adapters is None:
+        raise ResumeError(f"{model_dir}: not a LoRA checkpoint, but this run trains adapters")
+    restore_base(model.module, adapters.base, ps)
 
 
 def restore_rng(ckpt: Path, ps: ParallelState, trackers: dict) -> None:

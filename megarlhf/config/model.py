@@ -7,6 +7,51 @@ from dataclasses import dataclass, field
 
 from megarlhf.config.loader import check
 
+# The block's linears an adapter can sit on: the fused attention input (column-parallel), the
+# attention output projection (row-parallel), the MLP's first (column) and second (row) layer.
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (LoRA, Hu et al. 2021) on the transformer block's linears.
+
+    With rank r > 0 every targeted weight W [out, in] computes W x + (alpha / r) B A drop(x) with
+    A [r, in] and B [out, r] trained and everything else frozen (a scalar head, which starts
+    fresh, trains too). docs/lora.md gives the sharding and what a checkpoint holds.
+    """
+
+    # Rank r of every adapter; 0 means no adapters (the whole model trains).
+    rank: int = 0
+    # Scaling numerator: the update is (alpha / rank) * B A (PEFT's lora_alpha).
+    alpha: float = 16.0
+    # Dropout on the adapter's input only (the frozen path sees the undropped input).
+    dropout: float = 0.0
+    # Linears that get adapters, any of qkv, proj, fc1, fc2.
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+    def __post_init__(self) -> None:
+        check(self.rank >= 0, "rank", f"must be >= 0 (0: no adapters), got {self.rank}")
+        check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        bad = [t for t in self.target_modules if t not in LORA_TARGETS]
+        check(not bad, "target_modules", f"{bad} not among {'|'.join(LORA_TARGETS)}")
+        check(bool(self.target_modules), "target_modules", "must name at least one linear")
+        check(
+            len(set(self.target_modules)) == len(self.target_modules),
+            "target_modules",
+            f"{self.target_modules} names a linear twice",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank, the factor of B A (0 when off)."""
+        return self.alpha / self.rank if self.rank else 0.0
+
 
 @dataclass
 class ModelConfig:
@@ -55,6 +100,8 @@ class ModelConfig:
     head: str = "lm"
     # Outputs of the scalar head (several for multi-attribute rewards).
     num_head_outputs: int = 1
+    # Low-rank adapters (model.lora.rank > 0): train them only, the base weights stay frozen.
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
         check(self.family in ("gpt2", "llama"), "family", f"{self.family!r} not gpt2|llama")

@@ -16,6 +16,11 @@ files under `tokenizer/`; export and re-sharding carry both along.
 
 Scalar-head models (reward models, critics) are HF `*ForSequenceClassification` models: the
 `score` layer is a table row, the bias it lacks is handled by `score_head.py`.
+
+LoRA checkpoints (adapters only, their base by reference) read as their merged model, so export
+and re-sharding write merged weights W + (alpha / r) B A, a plain checkpoint; the HF config and
+tokenizer files come from the first of the checkpoint and its bases that has them (`lineage`).
+`peft_adapter.py` writes the adapters themselves as a PEFT folder instead.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from megarlhf.checkpoint.model_shards import (
     MODEL_SUBDIR,
     ModelShardsReader,
     ModelShardsWriter,
+    read_meta,
 )
 from megarlhf.config import ModelConfig
 from megarlhf.convert.hf_config import (
@@ -84,6 +90,25 @@ def staged_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+
+
+def lineage(ckpt_dir: str | Path) -> list[Path]:
+    """`ckpt_dir`, then (a LoRA checkpoint) its base, the base's base, ... up to a plain one or
+    the seeded initialization."""
+    chain = [Path(ckpt_dir)]
+    while True:
+        adapters = read_meta(chain[-1]).adapters
+        if adapters is None or adapters.base.path is None or len(chain) > 32:
+            return chain
+        chain.append(Path(adapters.base.path))
+
+
+def _first_with(ckpt_dir: Path, rel: str) -> Path:
+    """`<d>/<rel>` for the first d of `lineage(ckpt_dir)` that has it (else ckpt_dir's)."""
+    for d in lineage(ckpt_dir):
+        if (d / rel).exists():
+            return d / rel
+    return ckpt_dir / rel
 
 
 # ----------------------------------------------------------------------------- HF -> megarlhf
@@ -228,7 +253,7 @@ def megarlhf_to_hf(
     with ModelShardsReader(ckpt_dir) as reader, staged_output_dir(out_dir, overwrite) as tmp:
         cfg = reader.cfg
         table = TABLES[cfg.family]
-        base_path = ckpt_dir / MODEL_SUBDIR / HF_CONFIG_FILE
+        base_path = _first_with(ckpt_dir, f"{MODEL_SUBDIR}/{HF_CONFIG_FILE}")
         base = json.loads(base_path.read_text()) if base_path.exists() else None
         hf_cfg = model_config_to_hf_config(cfg, base)
         hf_cfg.pop(SCORE_BIAS_KEY, None)
@@ -254,7 +279,7 @@ def megarlhf_to_hf(
             writer.abort()
             raise
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-        copy_tokenizer_files(ckpt_dir / TOKENIZER_SUBDIR, tmp)
+        copy_tokenizer_files(_first_with(ckpt_dir, TOKENIZER_SUBDIR), tmp)
     return hf_cfg
 
 
@@ -287,7 +312,8 @@ def _check_stored(reader: ModelShardsReader, mappings: list[KeyMapping], ckpt_di
 def reshard(
     ckpt_dir: str | Path, out_dir: str | Path, *, tp: int, pp: int, overwrite: bool = False
 ) -> ModelConfig:
-    """Rewrite a megarlhf checkpoint at another (tp, pp) layout, bit for bit."""
+    """Rewrite a megarlhf checkpoint at another (tp, pp) layout, bit for bit (a LoRA checkpoint:
+    its merged model, as a plain checkpoint)."""
     ckpt_dir = Path(ckpt_dir)
     with ModelShardsReader(ckpt_dir) as reader, staged_output_dir(out_dir, overwrite) as tmp:
         infos = {name: reader.info(name) for name in reader.names()}
@@ -299,8 +325,8 @@ def reshard(
         except BaseException:
             writer.abort()
             raise
-        base = ckpt_dir / MODEL_SUBDIR / HF_CONFIG_FILE
+        base = _first_with(ckpt_dir, f"{MODEL_SUBDIR}/{HF_CONFIG_FILE}")
         if base.exists():
             shutil.copy2(base, tmp / MODEL_SUBDIR / HF_CONFIG_FILE)
-        copy_tokenizer_files(ckpt_dir / TOKENIZER_SUBDIR, tmp / TOKENIZER_SUBDIR)
+        copy_tokenizer_files(_first_with(ckpt_dir, TOKENIZER_SUBDIR), tmp / TOKENIZER_SUBDIR)
     return reader.cfg

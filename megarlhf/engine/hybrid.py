@@ -23,6 +23,12 @@ When the generation layout is the training layout (pipeline size 1, the same TP 
 groups, and no ZeRO-3 partitions), steps 1 and 3 are skipped: the actor's own module generates
 (in eval mode, restored afterwards). The copy would hold the same tensors in the same layout, so
 the tokens are the same; it only cost a model's worth of memory and a copy per rollout.
+
+LoRA (model.lora.rank > 0): the generation copy is the merged model, without adapters: its
+weights are W + (alpha / r) B A, merged while re-sharding (`reshard_weights`), so generation pays
+no adapter matmuls. Generating in place, the actor's forward applies its adapters as in training
+(no merge and unmerge around the rollout: in bf16 that would not give W back, and the frozen base,
+which is also the reference, would drift; `megarlhf/model/lora.py` has the numbers).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from megarlhf.config import GenerationConfig
 from megarlhf.engine.reshard import reshard_weights
 from megarlhf.model.generation import generate, left_pad
 from megarlhf.model.gpt import GPTModel
+from megarlhf.model.lora import base_config
 from megarlhf.parallel.state import ParallelState
 
 
@@ -107,8 +114,8 @@ class HybridEngine:
         return same and not any(hasattr(p, "ds_id") for p in self.actor.parameters())
 
     def build_generation_model(self) -> GPTModel:
-        """A generation-layout copy of the actor's current weights (collective)."""
-        model = GPTModel(self.actor.cfg, self.gen_ps, skip_init=True)
+        """A generation-layout copy of the actor's current weights, adapters merged (collective)."""
+        model = GPTModel(base_config(self.actor.cfg), self.gen_ps, skip_init=True)
         params = list(self.actor.parameters())
         if any(hasattr(p, "ds_id") for p in params):
             # ZeRO-3: gather the actor's partitions (collective over its DP group) for the copy.

@@ -11,6 +11,11 @@ vocabulary are filled with `finfo(dtype).min` so they carry exactly zero probabi
 `head: scalar` the last stage ends in a tensor-parallel scalar head instead (reward model, critic)
 and returns per-token scores `[b, s, num_head_outputs]`.
 
+With `model.lora.rank > 0` the targeted linears of every block carry low-rank adapters
+(`layers.{i}.attention.qkv.lora.a` / `.lora.b`, ...), laid out by `lora_sharding_plan`, and only
+they (and a scalar head) train: every other parameter is built frozen (requires_grad=False).
+`megarlhf.model.lora` has the rest (turning adapters off, merging, what a checkpoint holds).
+
 Simplifications: no sequence parallelism, no interleaved pipeline chunks, no MoE.
 """
 
@@ -125,8 +130,61 @@ def sharding_plan(cfg: ModelConfig, tp: int) -> dict[str, ShardSpec | None]:
     return plan
 
 
+# LoRA targets (model.lora.target_modules) -> the linear's name inside a block; proj and fc2 are
+# row-parallel (input split), qkv and fc1 column-parallel (output split).
+LORA_LINEARS = {
+    "qkv": "attention.qkv",
+    "proj": "attention.proj",
+    "fc1": "mlp.fc1",
+    "fc2": "mlp.fc2",
+}
+ROW_PARALLEL_TARGETS = ("proj", "fc2")
+
+
+def lora_sharding_plan(cfg: ModelConfig, tp: int) -> dict[str, ShardSpec | None]:
+    """ShardSpec of every adapter factor, in model order (empty without model.lora).
+
+    Factors are sharded like the base weight W they adapt: a column-parallel W [out/tp, in] has
+    A [r, in] replicated and B [out/tp, r] split as W's rows (fused q|k|v or gate|up parts
+    included); a row-parallel W [out, in/tp] has A [r, in/tp] split as W's columns and B [out, r]
+    replicated.
+    """
+    if not cfg.lora.enabled:
+        return {}
+    base = sharding_plan(cfg, tp)
+    targets = [t for t in LORA_LINEARS if t in cfg.lora.target_modules]
+    plan: dict[str, ShardSpec | None] = {}
+    for i in range(cfg.num_layers):
+        for t in targets:
+            w = f"layers.{i}.{LORA_LINEARS[t]}"
+            row = t in ROW_PARALLEL_TARGETS
+            plan[f"{w}.lora.a"] = base[f"{w}.weight"] if row else None
+            plan[f"{w}.lora.b"] = None if row else base[f"{w}.weight"]
+    return plan
+
+
+def is_adapter(name: str) -> bool:
+    """A LoRA factor (`....lora.a` or `....lora.b`)."""
+    return ".lora." in name
+
+
+def adapted_weight(name: str) -> str:
+    """The base weight an adapter factor belongs to (`layers.0.mlp.fc1.lora.a` ->
+    `layers.0.mlp.fc1.weight`)."""
+    return name.rsplit(".lora.", 1)[0] + ".weight"
+
+
+def lora_trainable(cfg: ModelConfig, name: str) -> bool:
+    """Whether parameter `name` trains under LoRA: the adapters, and a scalar head (it starts
+    fresh, so a frozen one would score at random; PEFT's `modules_to_save` for classifiers)."""
+    return is_adapter(name) or (cfg.head == "scalar" and name.startswith("head."))
+
+
 def full_param_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
     """Shape of the full (unsharded) parameter `name`, vocabulary rows unpadded."""
+    if is_adapter(name):
+        out, inp = full_param_shape(cfg, adapted_weight(name))
+        return (cfg.lora.rank, inp) if name.endswith(".a") else (out, cfg.lora.rank)
     h, hd, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd
     fc1 = 2 * f if cfg.family == "llama" else f
@@ -177,6 +235,14 @@ def init_full_parameter(name: str, shape, cfg: ModelConfig, seed: int) -> torch.
         name = "embedding.word.weight"
     if name.endswith("norm.weight"):
         return torch.ones(shape)
+    if is_adapter(name):
+        # PEFT's LoRA init: B = 0 (the adapted model starts as the base), A ~ kaiming_uniform
+        # (a = sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)) over A's full input width.
+        if name.endswith(".b"):
+            return torch.zeros(shape)
+        g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        bound = 1.0 / shape[1] ** 0.5
+        return (torch.rand(shape, generator=g) * 2.0 - 1.0) * bound
     if name.endswith(".bias"):
         return torch.zeros(shape)
     if name == "head.weight":
@@ -255,6 +321,10 @@ class GPTModel(nn.Module):
         post_process: build final norm and output layer (default: last pipeline stage).
         seed: initialization and dropout seed (the same on every rank).
         skip_init: leave parameters uninitialized (their values are about to be loaded).
+
+    Attributes read by LoRA checkpoints (`checkpoint/lora_shards.py`): `seed`, and
+    `base_checkpoint`, the checkpoint the frozen weights were loaded from (set by
+    `checkpoint.init_from.load_init_weights`; None: they are the seeded initialization).
     """
 
     def __init__(
@@ -272,7 +342,8 @@ class GPTModel(nn.Module):
         self.post_process = ps.is_last_stage if post_process is None else post_process
         tp, group = ps.tp_size, ps.tp_group
         self.padded_vocab = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp)
-        self.plan = sharding_plan(cfg, tp)
+        self.plan = sharding_plan(cfg, tp) | lora_sharding_plan(cfg, tp)
+        self.seed, self.base_checkpoint = seed, None
         self.layer_start, self.layer_end = layer_range(cfg.num_layers, ps.pp_size, ps.pp_rank)
         self.rng = RNGStatesTracker(tensor_parallel_seed(seed, ps))
 
@@ -286,6 +357,7 @@ class GPTModel(nn.Module):
                     self.plan[f"layers.{i}.mlp.fc1.weight"],
                     ps.tp_rank,
                     group,
+                    self.rng,
                 )
                 for i in range(self.layer_start, self.layer_end)
             }
@@ -304,6 +376,9 @@ class GPTModel(nn.Module):
         if not skip_init:
             self.reset_parameters(seed)
         self.to(cfg.torch_dtype)
+        if cfg.lora.enabled:
+            for name, p in self.named_parameters():
+                p.requires_grad_(lora_trainable(cfg, name))
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:

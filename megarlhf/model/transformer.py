@@ -1,5 +1,8 @@
 """Transformer block of the GPT-2 and LLaMA families, tensor-parallel over attention heads and the
-MLP's inner width (Megatron's column-then-row pattern: one all-reduce per sub-block forward)."""
+MLP's inner width (Megatron's column-then-row pattern: one all-reduce per sub-block forward).
+
+With `model.lora.rank > 0` the linears named in `model.lora.target_modules` carry a LoRAAdapter
+(megarlhf.parallel.layers), sharded like their weights."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from torch import nn
 from megarlhf.config import ModelConfig
 from megarlhf.model.attention import attention
 from megarlhf.model.rotary import apply_rotary
-from megarlhf.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megarlhf.parallel.layers import ColumnParallelLinear, LoRAAdapter, RowParallelLinear
 from megarlhf.parallel.sharding import ShardSpec
 
 
@@ -71,19 +74,34 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return cls(cfg.hidden_size, cfg.norm_eps)
 
 
+def make_adapter(cfg: ModelConfig, target: str, local_in, local_out, group, split_input, rng):
+    """The LoRAAdapter of linear `target` (qkv, proj, fc1, fc2), or None where it has none.
+
+    split_input: a row-parallel linear (its input, and A, are sharded)."""
+    lora = cfg.lora
+    if not lora.enabled or target not in lora.target_modules:
+        return None
+    return LoRAAdapter(
+        lora.rank, local_in, local_out, lora.scale, lora.dropout, group, split_input, rng
+    )
+
+
 class ParallelAttention(nn.Module):
     """Self-attention over this rank's heads: fused QKV (column-parallel), RoPE (llama), the
     attention kernel of `model.attention` (attention.py), output projection (row-parallel)."""
 
-    def __init__(self, cfg: ModelConfig, qkv_spec: ShardSpec, tp_rank: int, group):
+    def __init__(self, cfg: ModelConfig, qkv_spec: ShardSpec, tp_rank: int, group, rng=None):
         super().__init__()
         self.cfg = cfg
         hd = cfg.head_dim
         q, k, _ = (part[tp_rank] for part in qkv_spec.parts)
         self.local_heads, self.local_kv_heads = q // hd, k // hd
         bias = cfg.family == "gpt2"
-        self.qkv = ColumnParallelLinear(cfg.hidden_size, q + 2 * k, group, bias=bias)
-        self.proj = RowParallelLinear(q, cfg.hidden_size, group, bias=bias)
+        h = cfg.hidden_size
+        qkv_lora = make_adapter(cfg, "qkv", h, q + 2 * k, group, False, rng)
+        self.qkv = ColumnParallelLinear(h, q + 2 * k, group, bias=bias, lora=qkv_lora)
+        proj_lora = make_adapter(cfg, "proj", q, h, group, True, rng)
+        self.proj = RowParallelLinear(q, h, group, bias=bias, lora=proj_lora)
 
     def forward(self, x, rope, mask, kv_cache, layer_idx, rng):
         b, s, _ = x.shape
@@ -106,14 +124,17 @@ class ParallelAttention(nn.Module):
 class ParallelMLP(nn.Module):
     """GPT-2: fc2(gelu_tanh(fc1 x)); LLaMA: fc2(silu(gate) * up) with fc1 = [gate | up] fused."""
 
-    def __init__(self, cfg: ModelConfig, fc1_spec: ShardSpec, tp_rank: int, group):
+    def __init__(self, cfg: ModelConfig, fc1_spec: ShardSpec, tp_rank: int, group, rng=None):
         super().__init__()
         self.gated = cfg.family == "llama"
         local_fc1 = fc1_spec.local_size(tp_rank)
         local_ffn = local_fc1 // 2 if self.gated else local_fc1
         bias = cfg.family == "gpt2"
-        self.fc1 = ColumnParallelLinear(cfg.hidden_size, local_fc1, group, bias=bias)
-        self.fc2 = RowParallelLinear(local_ffn, cfg.hidden_size, group, bias=bias)
+        h = cfg.hidden_size
+        fc1_lora = make_adapter(cfg, "fc1", h, local_fc1, group, False, rng)
+        self.fc1 = ColumnParallelLinear(h, local_fc1, group, bias=bias, lora=fc1_lora)
+        fc2_lora = make_adapter(cfg, "fc2", local_ffn, h, group, True, rng)
+        self.fc2 = RowParallelLinear(local_ffn, h, group, bias=bias, lora=fc2_lora)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
@@ -126,14 +147,18 @@ class ParallelMLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm block: x + drop(attn(norm(x))), then + drop(mlp(norm(.)))."""
+    """Pre-norm block: x + drop(attn(norm(x))), then + drop(mlp(norm(.))).
 
-    def __init__(self, cfg: ModelConfig, qkv_spec: ShardSpec, fc1_spec, tp_rank: int, group):
+    rng: the model's TP-stream tracker, for the dropout of row-parallel adapters' inputs."""
+
+    def __init__(
+        self, cfg: ModelConfig, qkv_spec: ShardSpec, fc1_spec, tp_rank: int, group, rng=None
+    ):
         super().__init__()
         self.input_norm = make_norm(cfg)
-        self.attention = ParallelAttention(cfg, qkv_spec, tp_rank, group)
+        self.attention = ParallelAttention(cfg, qkv_spec, tp_rank, group, rng)
         self.post_attention_norm = make_norm(cfg)
-        self.mlp = ParallelMLP(cfg, fc1_spec, tp_rank, group)
+        self.mlp = ParallelMLP(cfg, fc1_spec, tp_rank, group, rng)
         # Residual activations are replicated across TP: default stream, same mask everywhere.
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 

@@ -13,7 +13,13 @@ logger = logging.getLogger(__name__)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: matrices decay, vectors (biases, norm weights) do not.
+    """Two AdamW groups of the trainable parameters: matrices decay, vectors (biases, norm
+    weights) do not.
+
+    Only parameters with requires_grad enter: under LoRA (model.lora.rank > 0) the frozen base is
+    never handed to the optimizer, so neither Adam nor DeepSpeed (ZeRO partitions, fp32 master
+    copies, gradient buckets) holds any state for it: the LoRA factors (matrices, decayed as
+    PEFT's trainers do) and a scalar head are all it sees.
 
     Embedding matrices decay too (Megatron's default); their zero padding rows stay zero because
     decoupled decay and Adam both leave a zero parameter with zero gradient at zero.
@@ -22,6 +28,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("param_groups: the model has no trainable parameter")
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

@@ -25,6 +25,12 @@ things DeepSpeed cannot see across pipeline stages:
   we sum the tied copies, and DeepSpeed then reduces once. (ZeRO 2 thereby holds full gradients
   during accumulation, like ZeRO 1.) ZeRO 0 all-reduces over DP first; summing the tied copies
   afterwards is the same sum.
+* Frozen parameters (LoRA: the base). The optimizer DeepSpeed wraps holds the trainable ones only
+  (`param_groups`), so ZeRO partitions, fp32 masters and gradient buckets exist for the adapters
+  alone. Its checkpoint excludes frozen parameters (`exclude_frozen_parameters`; the base is
+  reloaded from where it came from, checkpoint/lora_shards.py) and loads non-strictly. ZeRO 3
+  would partition the frozen base as well; it is refused with LoRA (the adapters' states are
+  small enough for ZeRO 1/2, and the frozen weights' copies then stay plain tensors).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megarlhf.config import ConfigError
 from megarlhf.config.optim import DeepSpeedConfig, OptimConfig, check_supported
 from megarlhf.optim.adamw import build_optimizer, param_groups
 from megarlhf.optim.schedule import build_scheduler
@@ -228,6 +235,13 @@ class DeepSpeedModel:
 
         mcfg = model.cfg
         check_supported(deepspeed.zero_stage, ps.pp_size, mcfg.dtype)
+        # LoRA: the base is frozen; DeepSpeed sees, and saves, only what trains.
+        self.has_frozen = any(not p.requires_grad for p in model.parameters())
+        if self.has_frozen and deepspeed.zero_stage == 3:
+            raise ConfigError(
+                "deepspeed.zero_stage: 3 is not supported with frozen parameters (model.lora); "
+                "use ZeRO 1 or 2, which partition the adapters' optimizer states"
+            )
         self.ps, self.optim_cfg = ps, optim
         self.zero_stage = deepspeed.zero_stage
         mark_parallel_parameters(model)
@@ -366,27 +380,38 @@ class DeepSpeedModel:
 
     def save_state(self, ckpt_dir: str | Path) -> None:
         """DeepSpeed's own checkpoint (module, ZeRO-partitioned optimizer, LR scheduler) of this
-        rank into `<ckpt_dir>/deepspeed/state/`. Collective over the world."""
+        rank into `<ckpt_dir>/deepspeed/state/`; frozen parameters are left out. Collective over
+        the world."""
         self.ds.save_checkpoint(
-            str(Path(ckpt_dir) / DS_SUBDIR), tag=DS_TAG, client_state={}, save_latest=False
+            str(Path(ckpt_dir) / DS_SUBDIR),
+            tag=DS_TAG,
+            client_state={},
+            save_latest=False,
+            exclude_frozen_parameters=self.has_frozen,
         )
 
     def load_state(self, ckpt_dir: str | Path) -> None:
-        """Restore what `save_state` wrote (same layout and DP size). Collective."""
+        """Restore what `save_state` wrote (same layout and DP size); frozen parameters are not
+        in it (the caller restores them first). Collective."""
         path, _ = self.ds.load_checkpoint(
             str(Path(ckpt_dir) / DS_SUBDIR),
             tag=DS_TAG,
             load_optimizer_states=True,
             load_lr_scheduler_states=True,
+            load_module_strict=not self.has_frozen,
         )
         if path is None:
             raise FileNotFoundError(f"{ckpt_dir}/{DS_SUBDIR}/{DS_TAG}: DeepSpeed found no state")
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:
         """This rank's parameters (TP shards, global names) as CPU tensors; gathers ZeRO-3
-        partitions one parameter at a time. Collective over DP at ZeRO 3."""
+        partitions one parameter at a time. Collective over DP at ZeRO 3.
+
+        trainable_only: only those that train (LoRA: the adapters, what its checkpoint holds)."""
         out = {}
         for name, p in self.module.named_parameters():
+            if trainable_only and not p.requires_grad:
+                continue
             if self.zero_stage == 3:
                 import deepspeed
 

@@ -1,10 +1,13 @@
-"""Tensor-parallel layers: column- and row-parallel linears and the vocab-parallel embedding.
+"""Tensor-parallel layers: column- and row-parallel linears (optionally with a low-rank adapter,
+LoRA) and the vocab-parallel embedding.
 
 Each layer holds only its rank's shard; how the full tensor maps to shards is a `ShardSpec`
 (megarlhf.parallel.sharding), so layers are built from per-rank sizes and can be uneven.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +20,65 @@ from megarlhf.parallel.mappings import (
 )
 
 
+class LoRAAdapter(nn.Module):
+    """The low-rank update `scale * B A drop(x)` of one TP linear, sharded like its base weight W.
+
+    Column-parallel W [out/tp, in] (input replicated): A [r, in] replicated, B [out/tp, r] split
+    like W's rows; the update is this rank's slice of the output. Row-parallel W [out, in/tp]
+    (input split): A [r, in/tp] split like W's columns, B [out, r] replicated; the partial
+    products B A_t x_t are summed by the base output's all-reduce (still one collective forward).
+
+    The replicated factor reaches its matmul through `copy_to_tensor_parallel_region` (identity
+    forward, all-reduce of its gradient backward): each rank's gradient of it is only its share
+    of the sum (column: over its output rows; row: over its input slice), and the all-reduce
+    makes it the full gradient, identical on every rank, as at TP=1. That costs one [r, in] (or
+    [out, r]) all-reduce per backward, nothing forward.
+
+    Dropout on the adapter input only: a column-parallel input is replicated, so it takes the
+    default stream (the same mask on every TP rank); a row-parallel input is sharded, so it takes
+    the TP stream `rng.fork()` (a different mask per rank, as attention dropout does).
+
+    Args:
+        rank: r.
+        local_in, local_out: this rank's width of A's input and B's output.
+        scale: alpha / r.
+        dropout: probability on the adapter input.
+        group: TP process group (None: not sharded).
+        split_input: row-parallel (A sharded, B replicated) instead of column-parallel.
+        rng: the model's TP-stream tracker (row-parallel dropout only).
+    """
+
+    def __init__(self, rank, local_in, local_out, scale, dropout, group, split_input, rng=None):
+        super().__init__()
+        self.a = nn.Parameter(torch.empty(rank, local_in))
+        self.b = nn.Parameter(torch.empty(local_out, rank))
+        self.scale, self.group, self.split_input, self.rng = scale, group, split_input, rng
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        # Off: the layer computes its base weight alone (`megarlhf.model.lora.adapters_disabled`).
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dropout is not None and self.training:
+            sharded = self.split_input and self.rng is not None
+            with self.rng.fork() if sharded else contextlib.nullcontext():
+                x = self.dropout(x)
+        a, b = self.a, self.b
+        if self.split_input:
+            b = copy_to_tensor_parallel_region(b, self.group)
+        else:
+            a = copy_to_tensor_parallel_region(a, self.group)
+        # Scale the [.., r] product, not the [.., out] one.
+        return F.linear(F.linear(x, a) * self.scale, b)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B A: this rank's shard of the update of W ([out/tp, in] or [out, in/tp])."""
+        return (self.b.float() @ self.a.float()) * self.scale
+
+
+def _with_adapter(lora: LoRAAdapter | None) -> bool:
+    return lora is not None and lora.enabled
+
+
 class ColumnParallelLinear(nn.Module):
     """Y = X A^T + b with A split along its output dim: rank r computes its slice of Y.
 
@@ -25,17 +87,23 @@ class ColumnParallelLinear(nn.Module):
         local_out: this rank's output width.
         group: TP process group (None: not sharded).
         gather_output: all-gather the output to the full width (sizes: per-rank widths).
+        lora: a column-parallel LoRAAdapter (local_in = in_features, local_out), or None.
     """
 
-    def __init__(self, in_features, local_out, group, bias=True, gather_output=False, sizes=None):
+    def __init__(
+        self, in_features, local_out, group, bias=True, gather_output=False, sizes=None, lora=None
+    ):
         super().__init__()
         self.group, self.gather_output, self.sizes = group, gather_output, sizes
         self.weight = nn.Parameter(torch.empty(local_out, in_features))
         self.bias = nn.Parameter(torch.empty(local_out)) if bias else None
+        self.lora = lora
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = copy_to_tensor_parallel_region(x, self.group)
         y = F.linear(x, self.weight, self.bias)
+        if _with_adapter(self.lora):
+            y = y + self.lora(x)
         if self.gather_output:
             y = gather_from_tensor_parallel_region(y, self.group, self.sizes)
         return y
@@ -45,17 +113,22 @@ class RowParallelLinear(nn.Module):
     """Y = X A^T + b with A split along its input dim; partial outputs are summed over TP.
 
     The input is already split (the output of a column-parallel layer); the bias is replicated and
-    added once, after the all-reduce.
+    added once, after the all-reduce. A row-parallel `lora` adapter's partial product joins the
+    partial output before that one all-reduce.
     """
 
-    def __init__(self, local_in, out_features, group, bias=True):
+    def __init__(self, local_in, out_features, group, bias=True, lora=None):
         super().__init__()
         self.group = group
         self.weight = nn.Parameter(torch.empty(out_features, local_in))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.lora = lora
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_tensor_parallel_region(F.linear(x, self.weight), self.group)
+        y = F.linear(x, self.weight)
+        if _with_adapter(self.lora):
+            y = y + self.lora(x)
+        y = reduce_from_tensor_parallel_region(y, self.group)
         return y + self.bias if self.bias is not None else y
 
 
