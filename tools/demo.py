@@ -1,22 +1,31 @@
-"""InstructGPT in miniature: SFT -> reward model -> PPO and PPO-ptx on Shakespeare, judged by
-simulated labelers (VADER trains, TextBlob is held out), with a report.
+"""InstructGPT in miniature: SFT -> reward model -> PPO, PPO-ptx (and DPO on the same comparisons)
+on Shakespeare, judged by simulated labelers (VADER trains, TextBlob is held out), with a report.
 
     python tools/demo.py                      # the full run (about 15 minutes on 2 CPU cores)
     python tools/demo.py --quick              # a smaller run (under 5 minutes), as CI runs it
     python tools/demo.py --output-dir runs/x  # default runs/demo (runs/demo_quick with --quick)
+    python tools/demo.py --seed 1             # another seed (default folder runs/demo_seed1)
+    python tools/demo.py --kl-sweep           # also PPO at 6 KL coefficients: the KL frontier
+    python tools/demo.py --kl-sweep 0.02,0.1  # ... at the coefficients given
 
 Running the same command again continues after the last finished stage. The report is
 <output-dir>/report.md (numbers also in report.json, figures in figures/). See docs/demo.md.
 
 Every training stage runs the tool a user would run (`tools/train_sft.py`, `train_rm.py`,
-`train_ppo.py`, `generate.py`, `train_tokenizer.py`) as a subprocess, with the YAML files in
-`configs/demo/` and dotted overrides for the run's paths and sizes; the data work
-(`megarlhf.demo.data`) and the evaluation (`megarlhf.demo.report`) run in this process. Each
-finished stage leaves `<output>/.done/<stage>`.
+`train_ppo.py`, `train_dpo.py`, `generate.py`, `train_tokenizer.py`) as a subprocess, with the
+YAML files in `configs/demo/` and dotted overrides for the run's paths, sizes and seeds; the data
+work (`megarlhf.demo.data`) and the evaluation (`megarlhf.demo.report`) run in this process. Each
+finished stage leaves `<output>/.done/<stage>`, and the evaluation runs again whenever a stage
+before it ran, so `--kl-sweep` on a finished folder runs only the sweep and the evaluation.
+
+The CPU code paths the numbers depend on (ATen's ISA, MKL's branch, the thread count) are pinned
+before torch loads (`megarlhf.demo.repro`) and the tools inherit them: see the README on what is
+bitwise reproducible.
 
 Layout of `<output>`:
     data/         corpus parts, SFT demonstrations, prompts, comparisons, tokenizer
-    pretrain/ sft/ rm/ ppo/ ppo_ptx/   the tools' run directories (metrics.jsonl, checkpoints/)
+    pretrain/ sft/ rm/ ppo/ ppo_ptx/ dpo/   the tools' run directories (metrics.jsonl, checkpoints/)
+    kl_sweep/beta_<b>/ kl_sweep.json   the sweep's PPO runs (the main PPO run stands for its own b)
     report.md report.json figures/*.png samples.jsonl   the evaluation
 """
 
@@ -32,11 +41,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from megarlhf.demo import repro  # noqa: E402
+
+repro.pin()  # before anything imports torch
 import yaml  # noqa: E402
 
 from megarlhf.checkpoint.model_shards import resolve_checkpoint_dir  # noqa: E402
 from megarlhf.demo import data as demo_data  # noqa: E402
-from megarlhf.demo.data import STAGES, DemoConfig, DemoError  # noqa: E402
+from megarlhf.demo.data import KL_SWEEP_BETAS, STAGES, DemoConfig, DemoError  # noqa: E402
 
 
 class StageFailed(RuntimeError):
@@ -46,11 +58,14 @@ class StageFailed(RuntimeError):
 class Demo:
     """One demo run in `output`; `run()` executes the stages not yet done."""
 
-    def __init__(self, cfg: DemoConfig, output: str | Path, quiet: bool = False):
+    def __init__(
+        self, cfg: DemoConfig, output: str | Path, quiet: bool = False, kl_sweep: tuple = ()
+    ):
         self.cfg, self.out = cfg, Path(output).resolve()
         self.data = self.out / "data"
         self.tokenizer = self.data / "tokenizer"
         self.quiet = quiet
+        self.kl_sweep = tuple(float(b) for b in kl_sweep)
         self.timings: dict[str, float] = {}
 
     def run(self) -> dict:
@@ -60,8 +75,11 @@ class Demo:
         timing_file = self.out / "timings.json"
         if timing_file.exists():
             self.timings = json.loads(timing_file.read_text())
+        ran = False
         for stage in STAGES:
-            if (done / stage).exists():
+            if stage == "kl_sweep" and not self.kl_sweep:
+                continue
+            if self._done(stage) and not (stage == "evaluate" and ran):
                 self._say(f"== {stage}: done before, skipped")
                 continue
             self._say(f"== {stage}")
@@ -71,7 +89,16 @@ class Demo:
             timing_file.write_text(json.dumps(self.timings, indent=1) + "\n")
             (done / stage).touch()
             self._say(f"== {stage}: {self.timings[stage]:.0f} s")
+            ran = True
         return json.loads((self.out / "report.json").read_text())
+
+    def _done(self, stage: str) -> bool:
+        """Whether `stage` finished before (for the sweep: every coefficient asked for ran)."""
+        if stage != "kl_sweep":
+            return (self.out / ".done" / stage).exists()
+        index = self.out / "kl_sweep.json"
+        runs = json.loads(index.read_text()) if index.exists() else {}
+        return all(repr(b) in runs for b in self.kl_sweep)
 
     def _say(self, msg: str) -> None:
         if not self.quiet:
@@ -89,10 +116,12 @@ class Demo:
             raise StageFailed(f"demo stage failed (exit {res.returncode}): {' '.join(cmd)}\n{tail}")
 
     def _train(self, tool: str, config: str, run: str, *overrides: str, init: str = "") -> None:
-        args = ["--config", ROOT / "configs" / "demo" / config, "--output-dir", self.out / run]
+        path = ROOT / "configs" / "demo" / config
+        args = ["--config", path, "--output-dir", self.out / run]
         if init:
             args += ["--init-from", self._checkpoint(init)]
-        self._tool(tool, *args, f"data.tokenizer={self.tokenizer}", *overrides)
+        seeds = demo_data.seed_overrides(path, self.cfg.seed)
+        self._tool(tool, *args, f"data.tokenizer={self.tokenizer}", *seeds, *overrides)
 
     def _checkpoint(self, run: str) -> Path:
         """The latest complete checkpoint of a run folder (what --init-from wants)."""
@@ -156,14 +185,14 @@ class Demo:
             init="sft",
         )  # fmt: skip
 
-    def _ppo(self, run: str, ptx_coef: float) -> None:
+    def _ppo(self, run: str, ptx_coef: float, *overrides: str) -> None:
         d, c = self.data, self.cfg
         self._train(
             "train_ppo.py", "ppo.yaml", run,
             f"data.prompt_files=[{d / 'ppo_prompts.jsonl'}]", f"data.ptx_files=[{d / 'ptx.txt'}]",
             f"ppo.reward_model={self._checkpoint('rm')}", f"ppo.max_steps={c.ppo_steps}",
             f"ppo.ptx_coef={ptx_coef}", f"generation.max_new_tokens={c.max_new_tokens}",
-            init="sft",
+            *overrides, init="sft",
         )  # fmt: skip
 
     def stage_ppo(self) -> None:
@@ -172,30 +201,84 @@ class Demo:
     def stage_ppo_ptx(self) -> None:
         self._ppo("ppo_ptx", self.cfg.ptx_coef)
 
+    def stage_dpo(self) -> None:
+        """DPO from SFT on the reward model's training comparisons (no RM, no sampling)."""
+        d = self.data
+        self._train(
+            "train_dpo.py", "dpo.yaml", "dpo",
+            f"data.train_files=[{d / 'rm_train.jsonl'}]", f"dpo.eval_files=[{d / 'rm_eval.jsonl'}]",
+            f"dpo.epochs={self.cfg.dpo_epochs}", init="sft",
+        )  # fmt: skip
+
+    def stage_kl_sweep(self) -> None:
+        """PPO from the same SFT and RM at each KL coefficient of the sweep; the main PPO run is
+        the point at its own coefficient. Each finished run is kept, so an interrupted or widened
+        sweep runs only what it lacks; kl_sweep.json maps each coefficient to its run folder."""
+        index = self.out / "kl_sweep.json"
+        runs = json.loads(index.read_text()) if index.exists() else {}
+        main_beta = demo_data.main_kl_coef(ROOT / "configs" / "demo" / "ppo.yaml")
+        for beta in self.kl_sweep:
+            key, run = repr(beta), f"kl_sweep/beta_{beta:g}"
+            if beta == main_beta:
+                runs[key] = "ppo"
+            elif runs.get(key) != run:
+                self._say(f"-- PPO at kl_coef={beta:g}")
+                self._ppo(run, 0.0, f"ppo.kl_coef={beta!r}")
+                runs[key] = run
+            index.write_text(json.dumps(runs, indent=1) + "\n")
+
     def stage_evaluate(self) -> None:
         from megarlhf.demo.report import evaluate
 
         evaluate(self.out, self.cfg, self.timings)
 
 
+def _betas(text: str) -> tuple[float, ...]:
+    try:
+        betas = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of numbers: {text!r}"
+        ) from None
+    if not betas or min(betas) < 0:
+        raise argparse.ArgumentTypeError(f"KL coefficients must be >= 0: {text!r}")
+    return betas
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the small preset (CI)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data splits, init and sampling")
     p.add_argument("--output-dir", default=None, help="run folder (default runs/demo[_quick])")
     p.add_argument("--quiet", action="store_true", help="hide the tools' output (errors shown)")
+    p.add_argument(
+        "--kl-sweep", nargs="?", type=_betas, const=KL_SWEEP_BETAS, default=(),
+        metavar="B1,B2,...", help=f"PPO at these KL coefficients too (default {KL_SWEEP_BETAS})",
+    )  # fmt: skip
     args = p.parse_args(argv)
     cfg = DemoConfig.quick() if args.quick else DemoConfig.full()
-    out = args.output_dir or ("runs/demo_quick" if args.quick else "runs/demo")
+    cfg.seed = args.seed
+    default = ("runs/demo_quick" if args.quick else "runs/demo") + (
+        f"_seed{cfg.seed}" if cfg.seed else ""
+    )
+    out = args.output_dir or default
     try:
-        report = Demo(cfg, out, quiet=args.quiet).run()
+        report = Demo(cfg, out, quiet=args.quiet, kl_sweep=args.kl_sweep).run()
     except (DemoError, StageFailed) as e:
         print(f"demo.py: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, DemoError) else 1
     print(Path(out) / "report.md")
     keys = ("winrate_ppo_vs_sft_heldout", "winrate_ppo_ptx_vs_sft_heldout",
-            "rm_accuracy_heldout_train_labeler", "ppl_sft", "ppl_ppo", "ppl_ppo_ptx")  # fmt: skip
+            "winrate_dpo_vs_sft_heldout", "rm_accuracy_heldout_train_labeler", "kl_ppo_from_sft",
+            "ppl_sft", "ppl_ppo", "ppl_ppo_ptx", "ppl_dpo")  # fmt: skip
     for k in keys:
         print(f"{k}: {report[k]:.3f}")
+    if report.get("kl_frontier"):
+        best = max(report["kl_frontier"], key=lambda r: r["winrate_heldout"])
+        print(
+            f"best KL coefficient (held-out win rate): {best['beta']:g} "
+            f"(win rate {best['winrate_heldout']:.3f} at KL {best['kl']:.2f} nats)"
+        )
     return 0
 
 

@@ -18,11 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from megarlhf.demo import corpus
 from megarlhf.eval import labelers
 
-STAGES = ("data", "pretrain", "sft", "comparisons", "rm", "ppo", "ppo_ptx", "evaluate")
+# The stages in order; kl_sweep runs only when asked for (tools/demo.py --kl-sweep).
+STAGES = (
+    "data", "pretrain", "sft", "comparisons", "rm", "ppo", "ppo_ptx", "dpo", "kl_sweep",
+    "evaluate",
+)  # fmt: skip
+# The KL coefficients of `--kl-sweep` without a list.
+KL_SWEEP_BETAS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+# A seed s > 0 moves every seed in the stage configs by s * SEED_STRIDE (seed 0: the files' own).
+SEED_STRIDE = 1000
 
 
 class DemoError(ValueError):
@@ -53,6 +62,8 @@ class DemoConfig:
     ppo_prompts: int = 2000
     ppo_steps: int = 60
     ptx_coef: float = 1.0
+    # DPO on the RM's training comparisons: epochs over them.
+    dpo_epochs: int = 2
     # Evaluation: held-out prompts (one sample per prompt and model) and samples shown.
     eval_prompts: int = 400
     max_new_tokens: int = 20
@@ -74,6 +85,7 @@ class DemoConfig:
             rm_epochs=3,
             ppo_prompts=400,
             ppo_steps=15,
+            dpo_epochs=1,
             eval_prompts=128,
         )
 
@@ -93,6 +105,24 @@ def claim_output(out: Path, cfg: DemoConfig) -> None:
     else:
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(mine, indent=1) + "\n")
+
+
+def seed_overrides(config: Path, seed: int) -> list[str]:
+    """Dotted overrides moving every `<section>.seed` of a stage config by seed * SEED_STRIDE
+    (none for seed 0, so seed 0 is exactly the files' run)."""
+    if seed == 0:
+        return []
+    doc = yaml.safe_load(Path(config).read_text()) or {}
+    return [
+        f"{name}.seed={section['seed'] + seed * SEED_STRIDE}"
+        for name, section in doc.items()
+        if isinstance(section, dict) and "seed" in section
+    ]
+
+
+def main_kl_coef(config: Path) -> float:
+    """The KL coefficient of the main PPO run (configs/demo/ppo.yaml's ppo.kl_coef)."""
+    return float(yaml.safe_load(Path(config).read_text())["ppo"]["kl_coef"])
 
 
 def write_lines(path: Path, lines: list[str]) -> None:

@@ -2,32 +2,38 @@
 accuracy on held-out comparisons, the alignment tax (held-out perplexity) and KL from SFT.
 
 Everything is measured on held-out prompts (clauses never seen in pre-training, SFT, comparisons
-or PPO). Each policy (SFT, PPO, PPO-ptx) samples one continuation per prompt at temperature 1 (the
-PPO training distribution) with the same seed; a labeler compares the PPO (or PPO-ptx) and the SFT
-continuation of the same prompt (a tie counts one half). KL from SFT is the mean over samples of
-sum_t log pi(y_t) - log pi_SFT(y_t) on the policy's own samples. Perplexity is on held-out corpus
+or PPO). Each policy (SFT, PPO, PPO-ptx, DPO, and the KL sweep's PPO runs) samples one
+continuation per prompt at temperature 1 (the PPO training distribution) with the same seed; a
+labeler compares a policy's and the SFT continuation of the same prompt (a tie counts one half).
+KL from SFT is the mean over samples of sum_t log pi(y_t) - log pi_SFT(y_t) on the policy's own
+samples; the RM score is the reward model's mean score of them (PPO's reward, before the KL
+penalty). Perplexity is on held-out corpus
 text (`data/eval_text.txt`, disjoint from the PTX text). RM accuracy counts the held-out
 comparison pairs a labeler orders strictly: against VADER itself (the training labeler's
 preference), a noisy VADER draw (the labels a training labeler would give, as in the paper's
 held-out comparisons) and TextBlob (the held-out labeler).
 
-Writes report.json, report.md, samples.jsonl and figures/*.png in the run folder.
+Writes report.json, report.md, samples.jsonl and figures/*.png in the run folder (with the sweep,
+`kl_frontier` in report.json and figures/kl_frontier.png: see megarlhf.demo.frontier).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from megarlhf.config import GenerationConfig
 from megarlhf.data.tokenizer import load_tokenizer
+from megarlhf.demo import frontier, repro
 from megarlhf.eval import labelers
 from megarlhf.eval.lm import load_model, perplexity, response_logprobs, reward_scores, sample
 
-POLICIES = {"sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx"}
+POLICIES = {"sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx", "dpo": "DPO"}
+TUNED = ("ppo", "ppo_ptx", "dpo")
 LABELER_NAMES = {"vader": "VADER (training labeler)", "textblob": "TextBlob (held-out labeler)"}
 TARGETS = {
     "winrate_ppo_vs_sft_heldout": 0.65,
@@ -43,50 +49,81 @@ def _metrics(path: Path) -> list[dict]:
     return [json.loads(x) for x in _lines(path)] if path.exists() else []
 
 
+@dataclass
+class EvalContext:
+    """What every policy is measured with: the held-out prompts, the sampling settings, the SFT
+    policy (the KL reference) and the reward model."""
+
+    tok: object
+    prompts: list[str]
+    pids: list[list[int]]
+    gen: GenerationConfig
+    sft: object
+    rm: object
+
+
+@dataclass
+class PolicySamples:
+    """One policy's held-out samples and their measurements."""
+
+    tokens: list[list[int]]
+    texts: list[str]
+    scores: dict  # labeler name -> per-sample scores
+    rm_scores: np.ndarray
+    kl: float  # mean over samples of sum_t log pi(y_t) - log pi_SFT(y_t)
+
+
+def measure_policy(model, ctx: EvalContext, is_sft: bool = False) -> PolicySamples:
+    """Sample one response per held-out prompt; labeler scores, RM scores, KL from SFT."""
+    tok = ctx.tok
+    comps = sample(model, ctx.pids, ctx.gen, tok.eos_id, tok.pad_id)
+    tokens = [c.tokens for c in comps]
+    texts = [tok.decode([t for t in c.tokens if t != tok.eos_id]) for c in comps]
+    scores = {lab: fn(texts) for lab, fn in labelers.LABELERS.items()}
+    rm_scores = reward_scores(ctx.rm, ctx.pids, tokens)
+    kl = 0.0
+    if not is_sft:
+        own = response_logprobs(model, ctx.pids, tokens)
+        ref = response_logprobs(ctx.sft, ctx.pids, tokens)
+        kl = float(np.mean([(a - b).sum() for a, b in zip(own, ref, strict=True)]))
+    return PolicySamples(tokens, texts, scores, rm_scores, kl)
+
+
+def _context(out: Path, cfg) -> EvalContext:
+    tok = load_tokenizer(out / "data" / "tokenizer")
+    prompts = [json.loads(x)["prompt"] for x in _lines(out / "data" / "eval_prompts.jsonl")]
+    pids = [tok.tokenize_pair(p, None, "raw").ids for p in prompts]
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=1.0, seed=cfg.seed + 99)
+    sft, rm = load_model(str(out / "sft")), load_model(str(out / "rm"))
+    return EvalContext(tok, prompts, pids, gen, sft, rm)
+
+
 def evaluate(out: Path, cfg, timings: dict) -> dict:
     """Measure everything, write the report files; returns report.json's content."""
     out = Path(out)
-    data = out / "data"
-    tok = load_tokenizer(data / "tokenizer")
-    prompts = [json.loads(x)["prompt"] for x in _lines(data / "eval_prompts.jsonl")]
-    pids = [tok.tokenize_pair(p, None, "raw").ids for p in prompts]
-    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=1.0, seed=cfg.seed + 99)
-    models = {k: load_model(str(out / k)) for k in POLICIES}
-    tokens, texts = {}, {}
-    for k, m in models.items():
-        comps = sample(m, pids, gen, tok.eos_id, tok.pad_id)
-        tokens[k] = [c.tokens for c in comps]
-        texts[k] = [tok.decode([t for t in c.tokens if t != tok.eos_id]) for c in comps]
-    scores = {lab: {k: fn(texts[k]) for k in POLICIES} for lab, fn in labelers.LABELERS.items()}
-    rep: dict = {"eval_prompts": len(prompts)}
-    for k in ("ppo", "ppo_ptx"):
-        for lab, suffix in (("textblob", "heldout"), ("vader", "train")):
-            rep[f"winrate_{k}_vs_sft_{suffix}"] = labelers.win_rate(
-                scores[lab][k], scores[lab]["sft"]
-            )
-    for lab in labelers.LABELERS:
-        for k in POLICIES:
-            rep[f"mean_{lab}_{k}"] = float(scores[lab][k].mean())
-    sft_lp = {}
-    for k in ("ppo", "ppo_ptx"):
-        own = response_logprobs(models[k], pids, tokens[k])
-        ref = response_logprobs(models["sft"], pids, tokens[k])
-        sft_lp[k] = float(np.mean([(a - b).sum() for a, b in zip(own, ref, strict=True)]))
-        rep[f"kl_{k}_from_sft"] = sft_lp[k]
-    rep["kl_sft_from_sft"] = 0.0
-    rows = [tok.tokenize_pair("", t, "raw").ids for t in _lines(data / "eval_text.txt")]
+    ctx = _context(out, cfg)
+    models = {k: ctx.sft if k == "sft" else load_model(str(out / k)) for k in POLICIES}
+    res = {k: measure_policy(m, ctx, is_sft=k == "sft") for k, m in models.items()}
+    rep: dict = {"eval_prompts": len(ctx.prompts)}
+    rep.update(_policy_numbers(res))
+    rows = [ctx.tok.tokenize_pair("", t, "raw").ids for t in _lines(out / "data" / "eval_text.txt")]
     for k, m in models.items():
         rep[f"ppl_{k}"] = perplexity(m, rows)
     rep["eval_text_rows"] = len(rows)
-    rep.update(_rm_accuracy(out, tok))
-    rep["labeler"] = json.loads((data / "labeler.json").read_text())
+    rep.update(_rm_accuracy(out, ctx.tok, ctx.rm))
+    rep["labeler"] = json.loads((out / "data" / "labeler.json").read_text())
     rep["curves"] = {k: _curve(out / k / "metrics.jsonl") for k in ("ppo", "ppo_ptx")}
+    sweep = _sweep(out, ctx, res)
+    if sweep:
+        rep["kl_frontier"] = sweep
     rep["timings_s"] = dict(timings)
+    rep["cpu_fingerprint"] = repro.fingerprint()
     rep["targets"] = _targets(rep)
     samples = [
-        {"prompt": p, **{k: texts[k][i] for k in POLICIES},
-         **{f"{lab}_{k}": float(scores[lab][k][i]) for lab in labelers.LABELERS for k in POLICIES}}
-        for i, p in enumerate(prompts)
+        {"prompt": p, **{k: res[k].texts[i] for k in POLICIES},
+         **{f"{lab}_{k}": float(res[k].scores[lab][i]) for lab in labelers.LABELERS
+            for k in POLICIES}}
+        for i, p in enumerate(ctx.prompts)
     ]  # fmt: skip
     (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     (out / "report.json").write_text(json.dumps(rep, indent=1) + "\n")
@@ -95,9 +132,41 @@ def evaluate(out: Path, cfg, timings: dict) -> dict:
     return rep
 
 
-def _rm_accuracy(out: Path, tok) -> dict:
+def _policy_numbers(res: dict) -> dict:
+    """Win rates against SFT under both labelers, mean labeler and RM scores, KL from SFT."""
+    rep = {}
+    for k in TUNED:
+        for lab, suffix in (("textblob", "heldout"), ("vader", "train")):
+            rep[f"winrate_{k}_vs_sft_{suffix}"] = labelers.win_rate(
+                res[k].scores[lab], res["sft"].scores[lab]
+            )
+    for k, r in res.items():
+        for lab in labelers.LABELERS:
+            rep[f"mean_{lab}_{k}"] = float(r.scores[lab].mean())
+        rep[f"mean_rm_{k}"] = float(r.rm_scores.mean())
+        rep[f"kl_{k}_from_sft"] = r.kl
+    return rep
+
+
+def _sweep(out: Path, ctx: EvalContext, res: dict) -> list[dict]:
+    """The frontier points of the runs in kl_sweep.json (none when the sweep did not run)."""
+    index = out / "kl_sweep.json"
+    if not index.exists():
+        return []
+    sft, points = res["sft"], []
+    for beta, run in sorted(json.loads(index.read_text()).items(), key=lambda x: float(x[0])):
+        r = res["ppo"] if run == "ppo" else measure_policy(load_model(str(out / run)), ctx)
+        points.append({
+            "beta": float(beta), "kl": r.kl, "run": run,
+            "winrate_heldout": labelers.win_rate(r.scores["textblob"], sft.scores["textblob"]),
+            "winrate_train": labelers.win_rate(r.scores["vader"], sft.scores["vader"]),
+            "rm_score": float(r.rm_scores.mean()),
+        })  # fmt: skip
+    return points
+
+
+def _rm_accuracy(out: Path, tok, rm) -> dict:
     """RM pair accuracy on the held-out comparisons under each labeler (strict pairs only)."""
-    rm = load_model(str(out / "rm"))
     groups = [json.loads(x) for x in _lines(out / "data" / "comparisons_eval.jsonl")]
     model_scores = []
     for g in groups:
@@ -140,6 +209,15 @@ def _targets(rep: dict) -> dict:
         "target": "PPO-ptx's perplexity closer to SFT's than PPO's",
         "met": tax_ptx < tax_ppo,
     }
+    if rep.get("kl_frontier"):
+        best = frontier.target_point(rep["kl_frontier"])
+        win = best["winrate_heldout"] if best else float("nan")
+        t["frontier_winrate_heldout_at_kl_le_6"] = {
+            "value": f"{win:.3f} (beta {best['beta']:g}, KL {best['kl']:.2f})" if best else "none",
+            "target": f">= {frontier.FRONTIER_TARGET_WINRATE} at KL <= "
+            f"{frontier.FRONTIER_TARGET_KL:g} nats",
+            "met": bool(best) and win >= frontier.FRONTIER_TARGET_WINRATE,
+        }
     return t
 
 
@@ -167,12 +245,12 @@ def _figures(folder: Path, rep: dict) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     width = 0.38
     for j, (lab, suffix) in enumerate((("textblob", "heldout"), ("vader", "train"))):
-        vals = [0.5] + [rep[f"winrate_{k}_vs_sft_{suffix}"] for k in ("ppo", "ppo_ptx")]
-        xs = np.arange(3) + (j - 0.5) * width
+        vals = [0.5] + [rep[f"winrate_{k}_vs_sft_{suffix}"] for k in TUNED]
+        xs = np.arange(len(POLICIES)) + (j - 0.5) * width
         bars = ax.bar(xs, vals, width, label=LABELER_NAMES[lab])
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.axhline(0.5, color="gray", ls="--", lw=1)
-    ax.set_xticks(np.arange(3), list(POLICIES.values()))
+    ax.set_xticks(np.arange(len(POLICIES)), list(POLICIES.values()))
     ax.set(ylim=(0, 1), ylabel="win rate against SFT", title="Preference against SFT (Figure 1)")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -195,11 +273,16 @@ def _figures(folder: Path, rep: dict) -> None:
     fig.tight_layout()
     fig.savefig(folder / "rm_accuracy.png", dpi=110)
     plt.close(fig)
+    if rep.get("kl_frontier"):
+        title = "Reward over-optimization: gold vs proxy"
+        frontier.figure(folder / "kl_frontier.png", rep["kl_frontier"], rep["mean_rm_sft"], title)
 
 
 def render_markdown(rep: dict, samples: list[dict], cfg) -> str:
     """report.md: the tables, the targets (met or not, said plainly), figures, samples."""
     lines = _md_winrates(rep) + _md_reward_model(rep) + _md_perplexity_targets(rep)
+    if rep.get("kl_frontier"):
+        lines += frontier.markdown(rep["kl_frontier"], rep["mean_rm_sft"])
     lines += _md_figures_samples(rep, samples)
     lines += ["", f"Demo config: `{json.dumps(dataclasses.asdict(cfg))}`", ""]
     return "\n".join(lines)
@@ -221,15 +304,23 @@ def _md_winrates(rep: dict) -> list[str]:
         "",
         "## Win rate against SFT",
         "",
-        "| policy | held-out labeler (TextBlob) | training labeler (VADER) | KL from SFT |",
-        "|---|---|---|---|",
-        "| SFT | 0.500 | 0.500 | 0.000 |",
+        "| policy | held-out labeler (TextBlob) | training labeler (VADER) | KL from SFT | "
+        "RM score |",
+        "|---|---|---|---|---|",
+        f"| SFT | 0.500 | 0.500 | 0.000 | {rep['mean_rm_sft']:+.3f} |",
     ]
-    for k in ("ppo", "ppo_ptx"):
+    for k in TUNED:
         lines.append(
             f"| {POLICIES[k]} | {_f3(rep[f'winrate_{k}_vs_sft_heldout'])} | "
-            f"{_f3(rep[f'winrate_{k}_vs_sft_train'])} | {_f3(rep[f'kl_{k}_from_sft'])} |"
+            f"{_f3(rep[f'winrate_{k}_vs_sft_train'])} | {_f3(rep[f'kl_{k}_from_sft'])} | "
+            f"{rep[f'mean_rm_{k}']:+.3f} |"
         )
+    lines += [
+        "",
+        "DPO trains on the reward model's training comparisons directly (no RM, no sampling), "
+        "from SFT with SFT as its reference; the RM score column is the same RM's judgement of "
+        "each policy's samples.",
+    ]
     lines += ["", "Mean labeler scores of the samples:", "", "| policy | VADER | TextBlob |"]
     lines.append("|---|---|---|")
     for k, name in POLICIES.items():
@@ -281,8 +372,9 @@ def _md_figures_samples(rep: dict, samples: list[dict]) -> list[str]:
         "",
         "![RM accuracy](figures/rm_accuracy.png)",
     ]
-    lines += ["", "## Samples (held-out prompts)", "", "| prompt | SFT | PPO | PPO-ptx |"]
-    lines.append("|---|---|---|---|")
+    header = " | ".join(POLICIES.values())
+    lines += ["", "## Samples (held-out prompts)", "", f"| prompt | {header} |"]
+    lines.append("|---" * (len(POLICIES) + 1) + "|")
     for s in samples:
         cells = [s["prompt"]] + [
             f"{s[k]} ({s[f'vader_{k}']:+.2f} / {s[f'textblob_{k}']:+.2f})" for k in POLICIES
