@@ -431,6 +431,11 @@ class ModelShardsReader:
         if self._merged is not None:
             self._check_name(name)
             return full_param_shape(self.cfg, name), self.cfg.torch_dtype
+        return self._stored_info(name)
+
+    def _stored_info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """(full unpadded shape, dtype) of a tensor the files hold (in a LoRA directory also an
+        adapter factor, which `info` does not list), from the headers only."""
         shapes = []
         dtype = None
         for _, f in self._shards(name):
@@ -467,8 +472,9 @@ class ModelShardsReader:
         if len(files) == 1:
             full = files[0].get_tensor(name)  # tp=1: the shard is the full tensor
         elif spec is not None and spec.dim == 0 and len(spec.parts) == 1:
-            # Row-split (the embeddings): read each shard straight into its rows, no extra copy.
-            shape, dtype = self.info(name)
+            # Row-split (the embeddings, a LoRA B of a column-parallel W): read each shard
+            # straight into its rows, no extra copy.
+            shape, dtype = self._stored_info(name)
             full = torch.empty((spec.full_size, *shape[1:]), dtype=dtype)
             for t, f in enumerate(files):
                 f.get_tensor(name, out=full.narrow(0, sum(spec.parts[0][:t]), spec.parts[0][t]))

@@ -14,7 +14,8 @@ from torch import nn
 
 
 class EMA:
-    """fp32 moving average of `model`'s parameters (this rank's shard), starting at their values.
+    """fp32 moving average of `model`'s trained parameters (this rank's shard), starting at their
+    values.
 
     Args:
         model: the stage (e.g. DeepSpeed's `engine.module`).
@@ -25,13 +26,18 @@ class EMA:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.model, self.decay = model, decay
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        # Frozen parameters (LoRA's base) never move, so their average is themselves: only what
+        # trains is averaged (and saved; a LoRA EMA directory names the base like the actor's).
+        self.shadow = {
+            n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad
+        }
 
     @torch.no_grad()
     def update(self) -> None:
-        """Fold the model's current weights into the average."""
+        """Fold the model's current (trained) weights into the average."""
         for n, p in self.model.named_parameters():
-            self.shadow[n].mul_(self.decay).add_(p.detach().float(), alpha=1.0 - self.decay)
+            if n in self.shadow:
+                self.shadow[n].mul_(self.decay).add_(p.detach().float(), alpha=1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The averaged weights in the model's dtype (what a checkpoint stores)."""

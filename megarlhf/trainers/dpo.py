@@ -10,6 +10,8 @@ completion's log-prob.
 
 The reference is the frozen initial policy (`checkpoint.init_from`, or the same seeded random
 initialization), never trained and not saved: a resumed run rebuilds it from the same source.
+Under LoRA (model.lora.rank > 0) it is the policy's own frozen base, the policy with its adapters
+off (`model.lora.AdaptersOffReference`): no second copy of the weights is built.
 `reference_logprobs(micro_batches)` is its one forward (forward-only, through the same schedule
 and layout as the policy); the trainer calls it for every training batch, or, with
 `dpo.precompute_reference=true`, once over the whole training set before step 1 (a column of the
@@ -46,6 +48,7 @@ from megarlhf.data.sampler import ResumableSampler
 from megarlhf.engine.offload import FrozenModel
 from megarlhf.kernels import logprobs_from_logits
 from megarlhf.model.gpt import GPTModel
+from megarlhf.model.lora import AdaptersOffReference
 from megarlhf.parallel.scalars import sum_over_dp, sum_over_replicas
 from megarlhf.trainers.loop import SingleModelTrainer
 
@@ -191,10 +194,13 @@ class DPOTrainer(SingleModelTrainer):
                 self.loader.reference_logps = self.precompute_reference()
             self.reference = None  # no longer needed: free its memory
 
-    def build_reference(self) -> FrozenModel:
+    def build_reference(self) -> FrozenModel | AdaptersOffReference:
         """The frozen reference: the initial policy (checkpoint.init_from, else the seeded random
-        initialization the policy started from), on the policy's device."""
+        initialization the policy started from), on the policy's device. Under LoRA that is the
+        policy's own frozen base: the policy with its adapters off, no second copy."""
         cfg = self.cfg
+        if cfg.model.lora.enabled:
+            return AdaptersOffReference(self.model.module)
         module = GPTModel(cfg.model, self.ps, seed=cfg.dpo.loop.seed)
         if cfg.checkpoint.init_from:
             load_init_weights(module, cfg.checkpoint.init_from, self.ps)

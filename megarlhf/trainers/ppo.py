@@ -3,8 +3,11 @@
 Roles, each a separate object composed here:
   actor      GPTModel (lm head) in the training layout, trained by its own DeepSpeedModel;
   reference  frozen copy of the SFT weights (a FrozenModel), training layout, no optimizer;
+             under LoRA (model.lora.rank > 0) the actor itself with its adapters off
+             (`AdaptersOffReference`: the frozen base is the SFT model, so no second copy);
   critic     GPTModel (scalar head) initialized from the reward model, its own DeepSpeedModel;
-             built only when the advantage estimator needs one (`ADVANTAGE_ESTIMATORS`);
+             built only when the advantage estimator needs one (`ADVANTAGE_ESTIMATORS`); under
+             LoRA it trains adapters of the same model.lora and its scalar head;
   reward     a scorer: the frozen, bias-normalized reward model, or a `reward_fn` rule;
   rollout    the HybridEngine: re-shards the actor into the generation layout, generates, releases;
   experience the ExperienceMaker (engine/experience.py): old and reference log-probs, values,
@@ -75,6 +78,7 @@ from megarlhf.engine.hybrid import HybridEngine, slice_bounds
 from megarlhf.engine.offload import FrozenModel
 from megarlhf.kernels import logprobs_from_logits
 from megarlhf.model.gpt import GPTModel
+from megarlhf.model.lora import AdaptersOffReference, base_config
 from megarlhf.optim.deepspeed_model import DeepSpeedModel
 from megarlhf.optim.ema import EMA
 from megarlhf.parallel.pipeline import get_forward_backward_func
@@ -211,7 +215,9 @@ class PPOTrainer(TrainLoop):
         fresh = self.resumed_from is None
         init = cfg.checkpoint.init_from
         actor = self._model(cfg.model, seed, init if fresh else "", "actor (checkpoint.init_from)")
-        reference = self._model(cfg.model, seed, init, "reference (checkpoint.init_from)")
+        reference = None  # LoRA: the actor's own base (adapters off), no second copy
+        if not cfg.model.lora.enabled:
+            reference = self._model(cfg.model, seed, init, "reference (checkpoint.init_from)")
         critic = None
         if ADVANTAGE_ESTIMATORS[self.algo.advantage_estimator].needs_critic:
             path = (r.critic_init or r.reward_model) if fresh else ""
@@ -220,12 +226,18 @@ class PPOTrainer(TrainLoop):
         reward_model = None
         if self.reward_fn is None:
             what = "reward model (ppo.reward_model)"
-            reward_model = self._model(cfg.critic_model(), seed + 1, r.reward_model, what)
+            # Frozen: never adapted (a LoRA reward-model checkpoint reads as its merged model).
+            reward_model = self._model(base_config(cfg.critic_model()), seed + 1, r.reward_model,
+                                       what)  # fmt: skip
         self.actor = self._trained(actor, cfg.optim, self.algo.critic_warmup_steps)
         self.critic = self._trained(critic, cfg.critic_optim) if critic is not None else None
         # Frozen models run where the actor runs; optionally parked in CPU memory between uses.
         device = next(self.actor.module.parameters()).device
-        self.reference = FrozenModel(reference, device, r.offload_frozen)
+        self.reference = (
+            AdaptersOffReference(self.actor.module)
+            if reference is None
+            else FrozenModel(reference, device, r.offload_frozen)
+        )
         if reward_model is not None:
             self.scorer = RewardModelScorer(FrozenModel(reward_model, device, r.offload_frozen))
         else:
