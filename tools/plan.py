@@ -6,6 +6,7 @@ setup, by phase (rollout, experience, training), whether it fits, and the step t
         --colocate actor,critic,reference --offload-frozen --json
     python tools/plan.py --model configs/models/gpt2_124m.yaml --gpus-per-node 1 --dtype fp32 \\
         --zero 0 model.num_layers=6
+    python tools/plan.py --model llama_7b --gpus-per-node 8 --lora-rank 16 --lora-targets qkv,proj
 
 --model is a preset name in configs/models/ or a YAML path; `model.key=value` arguments override
 it. DP is world / (tp * pp) when --dp is omitted. The model and its formulas (and how they were
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megarlhf.config import ConfigError, ModelFileConfig, load_config  # noqa: E402
+from megarlhf.config.model import LORA_TARGETS  # noqa: E402
 from megarlhf.perf.memory import GIB, ROLES, Plan, PlanError, PlanSpec, plan  # noqa: E402
 
 PROG = "plan.py"
@@ -72,6 +74,12 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     a("--no-critic", action="store_true", help="RLOO / GRPO: no critic")
     a("--no-reward-model", action="store_true", help="a rule reward_fn: no reward model")
     a("--optimizer", default="fused", help="fused (DeepSpeed FusedAdam) or torch (AdamW)")
+    a("--lora-rank", type=int, default=0, help="LoRA rank of actor and critic (0: full)")
+    a(
+        "--lora-targets",
+        default=",".join(LORA_TARGETS),
+        help="linears with adapters, comma-separated (default: all of qkv,proj,fc1,fc2)",
+    )
     a("--reserve", type=float, default=None, help="GiB kept free (default: 10%% of --gpu-mem)")
     a("--mfu", type=float, default=0.4, help="model FLOPs utilization of the training passes")
     a("--gen-mfu", type=float, default=None, help="MFU of generation (default: --mfu)")
@@ -132,6 +140,8 @@ def build_spec(args: argparse.Namespace) -> PlanSpec:
         reward_model=not args.no_reward_model,
         offload_frozen=args.offload_frozen,
         optimizer=args.optimizer,
+        lora_rank=args.lora_rank,
+        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
         reserve=args.reserve,
         mfu=args.mfu,
         gen_mfu=args.gen_mfu,
@@ -173,6 +183,11 @@ def render(result: Plan) -> str:
             f"  {role:<10} {n / 1e9:9.3f}B {_g(r.weights)} {_g(r.grads)}     "
             f"{_g(r.master + r.optimizer)} {_g(r.activations)} {_g(r.logits)} "
             f"{_g(r.kv_cache)}{where}"
+        )
+    if s["lora_rank"]:
+        lines.append(
+            "  trained params/GPU (LoRA): "
+            + ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in result.trainable_per_gpu.items())
         )
     g = result.generation
     lines += [

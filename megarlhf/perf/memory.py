@@ -59,6 +59,17 @@ Phases of one PPO step; the peak is the max over them:
                 logits + their gradient, end of backward: gradients + optimizer-step transients).
 Resident = the colocated models' weights and optimizer states (not the offloaded frozen models).
 
+LoRA (`lora_rank` r > 0, adapters on `lora_targets`, as model.lora): actor and critic hold their
+frozen base plus the adapter factors as weights (model dtype, never ZeRO-partitioned: ZeRO 3 is
+refused with LoRA, as DeepSpeedModel does), but gradients, the fp32 master, Adam's moments, the
+reduce bucket and the step's transients exist only for what trains: the adapters, and the
+critic's scalar head (`local_trainable_count`). An adapter on W [out, in] is A [r, in] and
+B [out, r], sharded like W (`gpt.lora_sharding_plan`). The reference is the actor with its
+adapters off, so it has no weights of its own (its forward pass still counts in the experience
+phase); the reward model stays a full frozen model. Each adapter saves its [b, s, r] product
+x A^T for B's gradient (its input x is the base linear's, saved once). The generation copy is the
+merged model (no adapters). The step-time model still counts full-weight backward FLOPs.
+
 Simplifications: no sequence parallelism, no context parallelism; dropout masks are not counted
 (the presets and PPO use no dropout); ZeRO 3's live working set is modeled as two layers' gathered
 weights; the experience buffers are counted as 12 fp32 [b, s]
@@ -71,8 +82,12 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from megarlhf.config import ModelConfig
+from megarlhf.config.model import LORA_TARGETS, LoRAConfig
 from megarlhf.model.gpt import (
     full_param_shape,
+    layer_range,
+    lora_sharding_plan,
+    lora_trainable,
     padded_vocab_size,
     sharding_plan,
     stage_param_names,
@@ -137,6 +152,9 @@ class PlanSpec:
     optimizer: str = "fused"
     # The training batch carries a padding mask (PPO left-pads prompts): SDPA stores its bias.
     padding_mask: bool = True
+    # LoRA rank of actor and critic (0: full fine-tuning) and the linears it adapts.
+    lora_rank: int = 0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
     # GiB kept free for CUDA context, NCCL, allocator fragmentation (None: 10% of gpu_mem).
     reserve: float | None = None
     # Step-time model: model FLOPs utilization (training, generation) and peak TFLOP/s per GPU.
@@ -204,6 +222,22 @@ class PlanSpec:
             raise PlanError("peak_tflops", f"must be > 0, got {self.peak_tflops}")
         if self.reserve is not None and not 0 <= self.reserve < self.gpu_mem:
             raise PlanError("reserve", f"must be in [0, gpu_mem), got {self.reserve}")
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        if self.model.lora.enabled and not self.lora_rank:  # model.lora.* given with the model
+            object.__setattr__(self, "lora_rank", self.model.lora.rank)
+            object.__setattr__(self, "lora_targets", tuple(self.model.lora.target_modules))
+        if self.lora_rank < 0:
+            raise PlanError("lora_rank", f"must be >= 0 (0: no LoRA), got {self.lora_rank}")
+        bad = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+        if bad or not self.lora_targets:
+            raise PlanError(
+                "lora_targets", f"{list(self.lora_targets)}: not a non-empty subset of "
+                f"{','.join(LORA_TARGETS)}"
+            )  # fmt: skip
+        if self.lora_rank and self.zero == 3:
+            raise PlanError("zero", "ZeRO 3 is refused with LoRA (DeepSpeedModel); use 1 or 2")
 
     @property
     def world(self) -> int:
@@ -218,8 +252,13 @@ class PlanSpec:
         return 2 if self.dtype == "bf16" else 4
 
     def shape(self, role: str) -> ModelConfig:
-        """Model config of a role in this plan's dtype (critic / reward: scalar head)."""
+        """Model config of a role in this plan's dtype (critic / reward: scalar head; actor and
+        critic with this plan's adapters, the frozen roles without)."""
         m = replace(self.model, dtype=self.dtype, activation_recompute=self.recompute)
+        lora = LoRAConfig()
+        if self.lora_rank and role in ("actor", "critic"):
+            lora = LoRAConfig(rank=self.lora_rank, target_modules=list(self.lora_targets))
+        m = replace(m, lora=lora)
         if role in ("critic", "reward"):
             m = replace(m, head="scalar", num_head_outputs=1)
         return m
@@ -236,21 +275,40 @@ class PlanSpec:
 # ----------------------------------------------------------------------------- parameters
 
 
-def local_param_count(cfg: ModelConfig, tp: int, pp: int) -> int:
-    """Parameter elements held by the busiest rank: TP rank 0 (the largest shards, padded
-    vocabulary) of the pipeline stage with the most parameters."""
-    plan = sharding_plan(cfg, tp)
-    best = 0
+def _stage_counts(cfg: ModelConfig, tp: int, pp: int) -> tuple[int, int]:
+    """(parameter elements, trained elements) of TP rank 0 on the pipeline stage with the most
+    parameters. Under LoRA the parameters include the adapter factors and only they (and a
+    scalar head) train; without, everything trains."""
+    plan = sharding_plan(cfg, tp) | lora_sharding_plan(cfg, tp)
+    adapters = list(lora_sharding_plan(cfg, 1))
+    best = (0, 0)
     for stage in range(pp):
-        n = 0
-        for name in stage_param_names(cfg, pp, stage):
+        start, end = layer_range(cfg.num_layers, pp, stage)
+        names = stage_param_names(cfg, pp, stage)
+        names += [n for n in adapters if start <= int(n.split(".")[1]) < end]
+        n = trained = 0
+        for name in names:
             shape = list(full_param_shape(cfg, name))
             spec = plan[name]
             if spec is not None:
                 shape[spec.dim] = spec.local_size(0)
             n += math.prod(shape)
-        best = max(best, n)
+            if not cfg.lora.enabled or lora_trainable(cfg, name):
+                trained += math.prod(shape)
+        best = max(best, (n, trained))
     return best
+
+
+def local_param_count(cfg: ModelConfig, tp: int, pp: int) -> int:
+    """Parameter elements held by the busiest rank: TP rank 0 (the largest shards, padded
+    vocabulary) of the pipeline stage with the most parameters (LoRA: base and adapters)."""
+    return _stage_counts(cfg, tp, pp)[0]
+
+
+def local_trainable_count(cfg: ModelConfig, tp: int, pp: int) -> int:
+    """Of `local_param_count`, the elements that train (LoRA: the adapters and a scalar head;
+    otherwise all): what gradients, master copy and Adam exist for."""
+    return _stage_counts(cfg, tp, pp)[1]
 
 
 def largest_layer_params(cfg: ModelConfig, tp: int) -> int:
@@ -282,12 +340,16 @@ class TrainState:
         return self.weights + self.master + self.optim
 
 
-def train_state(p: int, spec: PlanSpec, layer_params: int) -> TrainState:
-    """Weights / gradients / master / Adam bytes of `p` local parameters (see module doc)."""
+def train_state(
+    p: int, spec: PlanSpec, layer_params: int, trainable: int | None = None
+) -> TrainState:
+    """Weights / gradients / master / Adam bytes of `p` local parameters of which `trainable`
+    (default: all) train (see module doc)."""
     e, d, z = spec.bytes_per_elem, spec.dp, spec.zero
     weights = e * p / (d if z == 3 else 1)
     if z == 3:
         weights += 2 * e * layer_params  # gathered working set: current + prefetched layer
+    p = p if trainable is None else trainable  # the optimizer's parameters from here on
     grads = e * p / (d if z >= 2 else 1)
     if z >= 2:
         grads += e * min(REDUCE_BUCKET, p)  # the reduce bucket (contiguous_gradients)
@@ -326,6 +388,8 @@ def layer_activation_bytes(cfg: ModelConfig, b: int, s: int, tp: int, masked: bo
     if masked:
         out += b * s * s * e
     out += 4 * b * (cfg.num_heads / t) * s  # log-sum-exp
+    if cfg.lora.enabled:  # each adapter's x A^T [b, s, r], saved for B's gradient
+        out += e * b * s * cfg.lora.rank * len(cfg.lora.target_modules)
     return out
 
 
@@ -404,8 +468,8 @@ class RoleMemory:
 
 def trained_role(cfg: ModelConfig, spec: PlanSpec, n_micro: int) -> RoleMemory:
     """State, activations and head of a trained model (actor or critic) on the busiest rank."""
-    p = local_param_count(cfg, spec.tp, spec.pp)
-    st = train_state(p, spec, largest_layer_params(cfg, spec.tp))
+    p, trained = _stage_counts(cfg, spec.tp, spec.pp)
+    st = train_state(p, spec, largest_layer_params(cfg, spec.tp), trained)
     b, s = spec.micro_batch, spec.prompt_len + spec.response_len
     acts = activation_bytes(cfg, spec, b, s, n_micro)
     head = head_bytes(cfg, b, s, spec.tp, backward=True)
@@ -451,8 +515,8 @@ def generation_memory(spec: PlanSpec) -> dict[str, float]:
     gather = copy = 0.0
     if spec.zero == 3:
         gather = spec.bytes_per_elem * local_param_count(actor, spec.tp, spec.pp)
-    if not generates_in_place(spec):
-        copy = spec.bytes_per_elem * local_param_count(actor, tg, 1)
+    if not generates_in_place(spec):  # the merged model: no adapters
+        copy = spec.bytes_per_elem * local_param_count(replace(actor, lora=LoRAConfig()), tg, 1)
     return {
         "copy_weights": copy,
         "kv_cache": kv_cache_bytes(actor, rows, spec.prompt_len + spec.response_len, tg),
@@ -490,6 +554,8 @@ class Plan:
     flops: dict[str, float]
     step_time_s: float
     notes: list[str] = field(default_factory=list)
+    # Elements per GPU that train (gradients, master, Adam): all of a model's without LoRA.
+    trainable_per_gpu: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -528,13 +594,42 @@ def _rows(spec: PlanSpec) -> tuple[int, int, int]:
     return per_dp, n_micro, math.ceil(rows / gen_dp)
 
 
+def _param_counts(spec: PlanSpec, roles) -> tuple[dict[str, int], dict[str, int]]:
+    """Per role: parameter elements per GPU, and (actor, critic) those that train."""
+    params = {r: local_param_count(spec.shape(r), spec.tp, spec.pp) for r in roles}
+    if spec.lora_rank:  # the reference is the actor with its adapters off: nothing of its own
+        params["reference"] = 0
+    trainable = {
+        r: local_trainable_count(spec.shape(r), spec.tp, spec.pp)
+        for r in ("actor", "critic")
+        if r in roles
+    }
+    return params, trainable
+
+
+def _notes(spec: PlanSpec) -> list[str]:
+    notes = []
+    missing = [r for r in spec.roles() if r not in spec.colocate]
+    if missing:
+        notes.append(f"not on these GPUs (planned elsewhere): {', '.join(missing)}")
+    if spec.offload_frozen:
+        notes.append("frozen models live in CPU memory and count only while in use")
+    if spec.lora_rank:
+        notes.append(
+            f"LoRA r={spec.lora_rank} on {','.join(spec.lora_targets)}: optimizer state for the "
+            "adapters (and the critic's head) only; the reference is the actor with its adapters "
+            "off (no weights of its own)"
+        )
+    return notes
+
+
 def plan(spec: PlanSpec) -> Plan:
     """Per-GPU memory of every role and phase, the fit, and the step time of `spec`."""
     s = spec.prompt_len + spec.response_len
     b = spec.micro_batch
     per_dp, n_micro, gen_rows = _rows(spec)
     here = {r: r in spec.colocate for r in spec.roles()}
-    params = {r: local_param_count(spec.shape(r), spec.tp, spec.pp) for r in here}
+    params, trainable = _param_counts(spec, here)
     roles: dict[str, RoleMemory] = {}
     train_peak: dict[str, float] = {}
     for r in ("actor", "critic"):
@@ -584,12 +679,6 @@ def plan(spec: PlanSpec) -> Plan:
     step = flops["generate"] / (rate * gen_mfu) + (flops["total"] - flops["generate"]) / (
         rate * spec.mfu
     )
-    notes = []
-    missing = [r for r in spec.roles() if r not in spec.colocate]
-    if missing:
-        notes.append(f"not on these GPUs (planned elsewhere): {', '.join(missing)}")
-    if spec.offload_frozen:
-        notes.append("frozen models live in CPU memory and count only while in use")
     return Plan(
         spec=_spec_dict(spec),
         params_per_gpu=params,
@@ -604,13 +693,15 @@ def plan(spec: PlanSpec) -> Plan:
         fits=peak + reserve <= capacity,
         flops=flops,
         step_time_s=step,
-        notes=notes,
+        notes=_notes(spec),
+        trainable_per_gpu=trainable,
     )
 
 
 def _spec_dict(spec: PlanSpec) -> dict:
     d = asdict(spec)
     d["colocate"] = list(spec.colocate)
+    d["lora_targets"] = list(spec.lora_targets)
     d["world"] = spec.world
     d["gen_tp"] = spec.generation_tp
     return d

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from megarlhf.config import ModelConfig
+from megarlhf.config.model import LoRAConfig
 from megarlhf.perf.memory import (
     PlanError,
     PlanSpec,
@@ -29,6 +30,7 @@ from megarlhf.perf.memory import (
     kv_cache_bytes,
     layer_activation_bytes,
     local_param_count,
+    local_trainable_count,
     plan,
     rollout_extra,
     train_state,
@@ -164,6 +166,107 @@ def test_plan_phases_and_fit():
     ],
 )
 def test_bad_specs_name_the_field(kw, field):
+    with pytest.raises(PlanError) as e:
+        spec(**kw)
+    assert e.value.field == field
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+# Rank 4 on every linear of a TINY layer: r * (in + out) per adapter, qkv 4 (64 + 192) = 1024,
+# proj 4 (64 + 64) = 512, fc1 4 (64 + 256) = 1280, fc2 4 (256 + 64) = 1280.
+LORA_LAYER = 1024 + 512 + 1280 + 1280
+HEAD = 64 + 1  # the critic's scalar head: weight [1, h], bias [1]
+
+
+def test_lora_counts_by_hand():
+    sp = spec(lora_rank=4)
+    actor, critic = sp.shape("actor"), sp.shape("critic")
+    assert local_param_count(actor, 1, 1) == TOTAL + 2 * LORA_LAYER
+    assert local_trainable_count(actor, 1, 1) == 2 * LORA_LAYER
+    assert local_trainable_count(critic, 1, 1) == 2 * LORA_LAYER + HEAD
+    assert not sp.shape("reference").lora.enabled and not sp.shape("reward").lora.enabled
+    # TP 2: a column-parallel W keeps A whole and splits B (qkv 256 + 384, fc1 256 + 512), a
+    # row-parallel W splits A and keeps B (proj 128 + 256, fc2 512 + 256).
+    assert local_trainable_count(actor, 2, 1) == 2 * (640 + 768 + 384 + 768)
+    # Only some targets: qkv and proj.
+    assert local_trainable_count(spec(lora_rank=4, lora_targets=("qkv", "proj")).shape("actor"),
+                                 1, 1) == 2 * (1024 + 512)  # fmt: skip
+    # PP 2: stage 0 (embeddings, layer 0) is the busier one, with layer 0's adapters.
+    assert local_trainable_count(actor, 1, 2) == LORA_LAYER
+    # Without LoRA everything trains.
+    assert local_trainable_count(TINY, 1, 1) == TOTAL
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_lora_counts_equal_a_built_model(family):
+    """Against the real thing: the parameters a GPTModel with adapters builds, and trains."""
+    from megarlhf.model.gpt import GPTModel
+    from megarlhf.parallel.state import single_process_state
+    from tests.model.common import tiny_config
+
+    for head, targets in (("lm", ("qkv", "fc2")), ("scalar", ("proj", "fc1", "fc2"))):
+        base = tiny_config(family, head=head)
+        sp = spec(model=base, lora_rank=3, lora_targets=targets)
+        cfg = sp.shape("critic" if head == "scalar" else "actor")
+        model = GPTModel(cfg, single_process_state(), seed=0)
+        params = list(model.parameters())
+        assert local_param_count(cfg, 1, 1) == sum(p.numel() for p in params)
+        assert local_trainable_count(cfg, 1, 1) == sum(p.numel() for p in params if p.requires_grad)
+
+
+def test_lora_training_state_by_hand():
+    # bf16, ZeRO 1 over 2: every weight (base + adapters) 2 bytes, replicated; gradients 2 bytes,
+    # fp32 master 4 and Adam 8 (over DP) and the fused step's 4 + 2 for the adapters alone.
+    sp = spec(lora_rank=4, zero=1, dtype="bf16", gpus_per_node=2, dp=2, rollout_batch=2)
+    p, t = TOTAL + 2 * LORA_LAYER, 2 * LORA_LAYER
+    m = trained_role(sp.shape("actor"), sp, n_micro=1)
+    assert (m.weights, m.grads, m.master, m.optimizer) == (2 * p, 2 * t, 4 * t / 2, 8 * t / 2)
+    assert m.step_transient == 6 * t / 2
+    full = trained_role(spec(zero=1, dtype="bf16", gpus_per_node=2, dp=2, rollout_batch=2)
+                        .shape("actor"), sp, n_micro=1)  # fmt: skip
+    assert full.master + full.optimizer == 12 * TOTAL / 2
+    # Each adapter saves its [b, s, r] product: 4 adapters x 2 bytes x b s r more per layer.
+    b, s = 2, 16
+    plain = layer_activation_bytes(dataclasses.replace(TINY, dtype="bf16"), b, s, 1, True)
+    adapted = layer_activation_bytes(sp.shape("actor"), b, s, 1, True)
+    assert adapted - plain == 4 * 2 * b * s * 4
+
+
+def test_lora_plan_drops_the_reference_and_most_optimizer_state():
+    kw = dict(zero=1, dtype="bf16", gpu_mem=1.0)
+    full, lora = plan(spec(**kw)), plan(spec(**kw, lora_rank=4))
+    assert lora.params_per_gpu["reference"] == 0 and lora.roles["reference"].weights == 0
+    assert full.roles["reference"].weights == 2 * TOTAL
+    critic = local_param_count(spec().shape("critic"), 1, 1)  # the critic / reward trunk + head
+    assert lora.trainable_per_gpu == {"actor": 2 * LORA_LAYER, "critic": 2 * LORA_LAYER + HEAD}
+    assert full.trainable_per_gpu == {"actor": TOTAL, "critic": critic}
+    # Resident: actor and critic weights (with adapters) + 12 B per trained element, no
+    # reference, the reward model's bf16 weights.
+    t_a, t_c = 2 * LORA_LAYER, 2 * LORA_LAYER + HEAD
+    want = 2 * (TOTAL + t_a) + 12 * t_a + 2 * (critic + 2 * LORA_LAYER) + 12 * t_c + 2 * critic
+    assert lora.phase_detail["training"]["resident"] == want
+    want_full = 2 * TOTAL + 12 * TOTAL + 2 * critic + 12 * critic + 2 * TOTAL + 2 * critic
+    assert full.phase_detail["training"]["resident"] == want_full
+    assert lora.peak < full.peak and any("LoRA r=4" in n for n in lora.notes)
+    # Generating at another TP, the copy is the merged model: the base alone.
+    two = dict(gpus_per_node=2, dp=1, tp=2, gen_tp=1, zero=1, dtype="bf16")
+    assert plan(spec(**two, lora_rank=4)).generation["copy_weights"] == 2 * TOTAL
+    # model.lora given with the model is the same plan as --lora-rank.
+    with_model = spec(model=dataclasses.replace(TINY, lora=LoRAConfig(rank=4)), **kw)
+    assert plan(with_model).phases == lora.phases
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(lora_rank=-1), "lora_rank"),
+        (dict(lora_rank=4, lora_targets=("qkv", "lm_head")), "lora_targets"),
+        (dict(lora_rank=4, lora_targets=()), "lora_targets"),
+        (dict(lora_rank=4, zero=3, gpus_per_node=2, dp=2), "zero"),
+    ],
+)
+def test_bad_lora_specs_name_the_field(kw, field):
     with pytest.raises(PlanError) as e:
         spec(**kw)
     assert e.value.field == field

@@ -65,6 +65,26 @@ def test_overrides_and_yaml_path(capsys):
     assert d["capacity"] == 80 * GIB
 
 
+def test_lora_flags(capsys):
+    argv = ["--model", "smollm2_135m", "--gpus-per-node", "2", "--prompt-len", "256",
+            "--response-len", "256", "--rollout-batch", "16"]  # fmt: skip
+    _, full = run_json(capsys, argv)
+    code, lora = run_json(capsys, [*argv, "--lora-rank", "8"])
+    assert code == 0 and lora["spec"]["lora_rank"] == 8
+    # SmolLM2-135M at r = 8 on every linear, per layer r (in + out): qkv 8 (576 + 960),
+    # proj 8 (576 + 576), fc1 8 (576 + 3072: gate|up), fc2 8 (1536 + 576); 30 layers.
+    adapters = 30 * 8 * ((576 + 960) + (576 + 576) + (576 + 3072) + (1536 + 576))
+    assert lora["trainable_per_gpu"] == {"actor": adapters, "critic": adapters + 577}
+    actor = lora["roles"]["actor"]
+    assert actor["master"] + actor["optimizer"] == 12 * adapters / 2  # ZeRO 1 over DP 2
+    assert actor["weights"] == 2 * (full["params_per_gpu"]["actor"] + adapters)
+    assert lora["roles"]["reference"]["weights"] == 0 < full["roles"]["reference"]["weights"]
+    _, qkv = run_json(capsys, [*argv, "--lora-rank", "8", "--lora-targets", "qkv"])
+    assert qkv["trainable_per_gpu"]["actor"] == 30 * 8 * (576 + 960)
+    assert tool.main([*argv, "--lora-rank", "8"]) == 0
+    assert "trained params/GPU (LoRA): actor 2.028M" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "argv, flag",
     [
@@ -81,6 +101,9 @@ def test_overrides_and_yaml_path(capsys):
         (["--model", "llama_8b"], "--model"),
         (["model.hidden_size=100"], "--model"),
         (["ppo.kl_coef=1"], "overrides"),
+        (["--lora-rank", "-2"], "--lora-rank"),
+        (["--lora-rank", "8", "--lora-targets", "qkv,lm_head"], "--lora-targets"),
+        (["--lora-rank", "8", "--zero", "3"], "--zero"),
     ],
 )
 def test_bad_input_names_the_flag(capsys, argv, flag):
