@@ -22,7 +22,9 @@ CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml"))
 SECTIONS = (
     "model|parallel|data|optim|critic_optim|deepspeed|sft|rm|ppo|dpo|generation|checkpoint|logging"
 )
-OVERRIDE = re.compile(rf"(?<![\w./-])((?:{SECTIONS})\.[a-z_.]+=[^\s`'\"|)\]]+)")
+# A value runs to a space, quote, pipe or closing bracket, except a list value in brackets
+# (`model.lora.target_modules=[qkv,proj]`), which is taken whole.
+OVERRIDE = re.compile(rf"(?<![\w./-])((?:{SECTIONS})\.[a-z_.]+=(?:\[[^\s\]]*\]|[^\s`'\"|)\]])+)")
 
 
 def _kind(path: Path) -> type | None:
