@@ -1,6 +1,8 @@
 """The demo's quick variant end to end (tools/demo.py --quick): every stage runs through the
 tools, the report exists with every number, the reward model beats chance and PPO raises the
-training labeler's score over SFT. The full run's targets are in README / docs/demo.md."""
+training labeler's score over SFT, DPO has its row; then `--kl-sweep` on the finished folder
+adds only the sweep's PPO run and the frontier. The full run's targets are in README /
+docs/demo.md."""
 
 import json
 import math
@@ -13,14 +15,20 @@ KEYS = (
     "winrate_ppo_vs_sft_heldout", "winrate_ppo_ptx_vs_sft_heldout", "winrate_ppo_vs_sft_train",
     "rm_accuracy_heldout_train_labeler", "rm_accuracy_heldout_heldout_labeler",
     "ppl_sft", "ppl_ppo", "ppl_ppo_ptx", "kl_ppo_from_sft", "kl_ppo_ptx_from_sft",
+    "winrate_dpo_vs_sft_heldout", "ppl_dpo", "kl_dpo_from_sft",
 )  # fmt: skip
+
+
+def _demo(out, *extra):
+    cmd = [sys.executable, "tools/demo.py", "--quick", "--quiet", "--output-dir", str(out), *extra]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=840)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
 
 
 def test_quick_demo_runs_and_learns(tmp_path):
     out = tmp_path / "demo"
-    cmd = [sys.executable, "tools/demo.py", "--quick", "--quiet", "--output-dir", str(out)]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=840)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    _demo(out)
     rep = json.loads((out / "report.json").read_text())
     for k in KEYS:
         assert math.isfinite(rep[k]), k
@@ -41,3 +49,27 @@ def test_quick_demo_runs_and_learns(tmp_path):
         (r["vader_ppo"] > r["vader_sft"]) + 0.5 * (r["vader_ppo"] == r["vader_sft"]) for r in rows
     )
     assert abs(wins / len(rows) - rep["winrate_ppo_vs_sft_train"]) < 1e-9
+    assert "| DPO |" in md and "kl_frontier" not in rep
+    _check_sweep(out, rep)
+
+
+def _check_sweep(out, before):
+    """`--kl-sweep 0.01` on the finished folder: one PPO run more (the main run stands for its own
+    beta), the evaluation again, the frontier in report.json, report.md and a figure."""
+    kept = {k: (out / k / "metrics.jsonl").stat().st_mtime_ns for k in ("sft", "rm", "ppo", "dpo")}
+    _demo(out, "--kl-sweep", "0.01")
+    assert kept == {k: (out / k / "metrics.jsonl").stat().st_mtime_ns for k in kept}
+    assert "kl_sweep" in json.loads((out / "timings.json").read_text())
+    rep = json.loads((out / "report.json").read_text())
+    points = {p["beta"]: p for p in rep["kl_frontier"]}
+    main_beta = [b for b in points if b != 0.01]
+    assert 0.01 in points and len(main_beta) == 1, points
+    main = points[main_beta[0]]
+    # The main PPO run's point is the PPO row's numbers (the same samples).
+    assert main["winrate_heldout"] == before["winrate_ppo_vs_sft_heldout"]
+    assert main["kl"] == before["kl_ppo_from_sft"]
+    for p in points.values():
+        assert math.isfinite(p["kl"]) and 0 <= p["winrate_heldout"] <= 1, p
+    assert (out / "kl_sweep" / "beta_0.01" / "metrics.jsonl").is_file()
+    assert (out / "figures" / "kl_frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "frontier" in (out / "report.md").read_text().lower()
