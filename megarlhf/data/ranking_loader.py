@@ -27,10 +27,15 @@ from dataclasses import dataclass
 import torch
 
 from megarlhf.config.data import RowsConfig
-from megarlhf.data.errors import DataError, Invalid
+from megarlhf.data.errors import Invalid
 from megarlhf.data.formats import parse_row, prompt_tokens
-from megarlhf.data.rankings import RankingDataset, RankingSample, collate_rankings, make_ranking
-from megarlhf.data.rows import load_rows
+from megarlhf.data.rankings import (
+    RankingDataset,
+    RankingSample,
+    collate_rankings,
+    load_ranking_dataset,
+    make_ranking,
+)
 from megarlhf.data.sampler import ResumableSampler, StepLoader, even_split
 from megarlhf.data.tokenizer import Tokenizer
 from megarlhf.model.generation import right_pad
@@ -122,17 +127,10 @@ def load_preference_dataset(
     rows: RowsConfig | None = None,
 ) -> RankingDataset:
     """As `rankings.load_ranking_dataset`, with `PreferenceSample`s."""
-    rows = rows or RowsConfig()
-    loaded = load_rows(
-        paths,
-        lambda row, where: make_preference(row, where, tokenizer, seq_len, template, max_k, rows),
-        skip_invalid=skip_invalid,
-        logger=logger,
-        what="preference data",
-    )
-    if not loaded.items:
-        raise DataError(", ".join(paths), "empty", "no usable ranking rows")
-    return RankingDataset(loaded.items, loaded.skipped, loaded.first_skipped)
+    return load_ranking_dataset(
+        paths, tokenizer, seq_len, template, max_k, skip_invalid, rows,
+        make=make_preference, what="preference data",
+    )  # fmt: skip
 
 
 def completion_offsets(samples: Sequence[RankingSample]) -> list[int]:

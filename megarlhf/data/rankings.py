@@ -84,21 +84,26 @@ def load_ranking_dataset(
     max_k: int = 9,
     skip_invalid: bool = False,
     rows: RowsConfig | None = None,
+    make=None,
+    what: str = "RM data",
 ) -> RankingDataset:
     """All ranking rows of the files, in order (see the module docstring for bad input).
 
     Args:
         rows: the rows' shape and column names (data.format, data.fields); default: auto.
+        make: builds one sample, `make(row, where, tokenizer, seq_len, template, max_k, rows)`
+            (default `make_ranking`; DPO's loader passes its `make_preference`).
+        what: the data's name in the skipped-rows summary.
     """
-    rows = rows or RowsConfig()
+    rows, make = rows or RowsConfig(), make or make_ranking
     if rows.format not in RM_FORMATS:
         raise ValueError(f"data.format={rows.format} has no responses to rank ({RM_FORMATS})")
     loaded = load_rows(
         paths,
-        lambda row, where: make_ranking(row, where, tokenizer, seq_len, template, max_k, rows),
+        lambda row, where: make(row, where, tokenizer, seq_len, template, max_k, rows),
         skip_invalid=skip_invalid,
         logger=logger,
-        what="RM data",
+        what=what,
     )
     if not loaded.items:
         raise DataError(", ".join(paths), "empty", "no usable ranking rows")
