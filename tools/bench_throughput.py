@@ -12,10 +12,11 @@
     python tools/bench_throughput.py --model smollm2_135m --compare-hf-generate
 
 Prompts are random token ids of exactly --prompt-len tokens; models are randomly initialized;
-EOS does not stop generation, so every response is exactly --response-len tokens and every
-iteration does the same work. --warmup iterations run first and are not counted. Output: end-to-end
+EOS does not stop generation (unless --eos-rate), so every response is exactly --response-len
+tokens and every iteration does the same work. --warmup iterations run first and are not counted. Output: end-to-end
 latency, samples/s, per-stage latencies, tokens/s, achieved TFLOPs per device and MFU against
---peak-tflops (default: a measured fp32 matmul peak on CPU, the data-sheet value on CUDA), and
+--peak-tflops (default: a matmul peak measured in the run's dtype on CPU, the data-sheet value on
+CUDA), training- and generation-phase MFU, and
 peak memory per rank; --json writes the same as one object. Fields and formulas: docs/bench.md.
 A bad preset, override, layout or flag combination is one line `bench_throughput.py: error: ...`
 and exit 2.
@@ -240,6 +241,7 @@ def common_fields(args, cfg, ps, params: int, peak: tuple[float, str]) -> dict:
             k: getattr(cfg.model, k)
             for k in ("family", "hidden_size", "num_layers", "num_heads", "vocab_size", "dtype")
         },
+        "dtype": cfg.model.dtype,  # the models' compute dtype, also the peak's
         "params": params,
         "world_size": ps.world_size,
         "tp": ps.tp_size,

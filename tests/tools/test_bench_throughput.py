@@ -149,7 +149,7 @@ def test_sft_stage_with_measured_peak(tmp_path):
     assert rep["flops_per_iteration"] == pytest.approx(3 * fwd(B, s, s, V), rel=1e-12)
     # The default dtype is the one this machine's matmuls run fast, and so is the peak's.
     want = "bf16" if fast_bf16_device() else "fp32"
-    assert rep["model"]["dtype"] == want
+    assert rep["model"]["dtype"] == want and rep["dtype"] == want
     assert rep["peak_tflops"] > 0 and rep["peak_tflops_source"].startswith(f"measured {want}")
     check_throughput(rep, B, s)
 
