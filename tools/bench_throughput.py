@@ -13,11 +13,11 @@
 
 Prompts are random token ids of exactly --prompt-len tokens; models are randomly initialized;
 EOS does not stop generation (unless --eos-rate), so every response is exactly --response-len
-tokens and every iteration does the same work. --warmup iterations run first and are not counted. Output: end-to-end
-latency, samples/s, per-stage latencies, tokens/s, achieved TFLOPs per device and MFU against
---peak-tflops (default: a matmul peak measured in the run's dtype on CPU, the data-sheet value on
-CUDA), training- and generation-phase MFU, and
-peak memory per rank; --json writes the same as one object. Fields and formulas: docs/bench.md.
+tokens and every iteration does the same work. --warmup iterations run first and are not
+counted. Output: end-to-end latency, samples/s, per-stage latencies, tokens/s, achieved TFLOPs
+per device and MFU against --peak-tflops (default: a matmul peak measured in the run's dtype on
+CPU, the data-sheet value on CUDA), training- and generation-phase MFU, and peak memory per rank;
+--json writes the same as one object. Fields and formulas: docs/bench.md.
 A bad preset, override, layout or flag combination is one line `bench_throughput.py: error: ...`
 and exit 2.
 """
