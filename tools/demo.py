@@ -217,6 +217,7 @@ class Demo:
         index = self.out / "kl_sweep.json"
         runs = json.loads(index.read_text()) if index.exists() else {}
         main_beta = demo_data.main_kl_coef(ROOT / "configs" / "demo" / "ppo.yaml")
+        runs[repr(main_beta)] = "ppo"  # always a point of the frontier, at no cost
         for beta in self.kl_sweep:
             key, run = repr(beta), f"kl_sweep/beta_{beta:g}"
             if beta == main_beta:
