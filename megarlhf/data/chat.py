@@ -155,6 +155,19 @@ def _check_prefix(prefix: str, text: str, turn: int) -> None:
         )
 
 
+def through_last_trained(ids: Sequence[int], trained: Sequence[bool]) -> list[int]:
+    """`ids` cut after the last trained token: a completion as a reward model scores it.
+
+    A chat template may render text after the assistant turn's EOS (ChatML's newline after
+    <|im_end|>). A policy's sampled response ends at the EOS, which is where PPO reads the
+    reward; a reward model trained (and normalized) on the rendered text would read its score one
+    token later, on a token PPO never shows it. Unchanged when nothing follows the last trained
+    token (the raw format, templates that end with the EOS) or when nothing is trained.
+    """
+    last = max((i for i, t in enumerate(trained) if t), default=len(ids) - 1)
+    return list(ids[: last + 1])
+
+
 def encode_segments(segments: Sequence[Segment], encode: Callable[[str], list[int]]) -> ChatTokens:
     """Tokenize each segment's text on its own, append its literal ids, flag them all alike."""
     ids: list[int] = []

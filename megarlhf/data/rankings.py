@@ -12,7 +12,9 @@ and the public preference shapes, each a K = 2 ranking: Anthropic HH-RLHF transc
 `ranking[i]` is the rank of `responses[i]` among the prompt's responses: 1 = best, K = worst, so
 `ranking` is a permutation of 1..K. Each completion is tokenized as the prompt/response pair of the
 SFT stage (same template, EOS appended; a conversation prompt with the response as its next
-assistant turn) and scored at its last token.
+assistant turn) and scored at its last token: the EOS that ends the response, where PPO reads
+the reward of a sampled response (a template's text after the EOS, e.g. ChatML's newline, is cut:
+`chat.through_last_trained`).
 
 Rejected with an error naming file and line (or row): K < 2 or K > max_k, a ranking that is not a
 permutation of 1..K, ties (two responses sharing a rank), duplicate responses, empty responses, a
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megarlhf.config.data import RowsConfig
+from megarlhf.data.chat import through_last_trained
 from megarlhf.data.errors import DataError, Invalid
 from megarlhf.data.formats import RM_FORMATS, check_ranking, completion_tokens, parse_row
 from megarlhf.data.rows import load_rows
@@ -66,7 +69,8 @@ def make_ranking(
     check_ranking(ex.responses, ex.ranks, max_k)
     completions = []
     for i, response in enumerate(ex.responses):
-        ids = completion_tokens(tokenizer, ex.prompt, response, template).ids
+        tokens = completion_tokens(tokenizer, ex.prompt, response, template)
+        ids = through_last_trained(tokens.ids, tokens.trained)
         if len(ids) > seq_len:
             raise Invalid(
                 "too_long",

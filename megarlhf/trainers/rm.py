@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from megarlhf.algos.ranking import kway_ranking_loss, last_token_scores
 from megarlhf.config.rm import RMRunConfig
+from megarlhf.data.chat import through_last_trained
 from megarlhf.data.ranking_loader import RankingLoader, ranking_eval_batches, sequence_batches
 from megarlhf.data.rankings import load_ranking_dataset
 from megarlhf.data.sampler import ResumableSampler
@@ -261,7 +262,7 @@ def demonstration_batches(
     `filler=True` and is not counted.
     """
     data = load_sft_dataset(files, tokenizer, seq_len, template, skip_invalid)
-    seqs = [s.input_ids for s in data.samples]
+    seqs = [through_last_trained(s.input_ids, s.loss_mask) for s in data.samples]
     return sequence_batches(seqs, tokenizer.pad_id, micro_batch_size, ps.dp_rank, ps.dp_size)
 
 

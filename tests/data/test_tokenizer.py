@@ -1,5 +1,6 @@
 """Tokenizers and chat templates: hand-computed ids and trained masks; sentencepiece, HF folders."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,27 @@ def test_hf_folder_own_template_trains_through_eos(hf_folders):
     prompt = t.tokenize_pair("hello").ids
     assert t.decode(prompt) == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
     assert c.ids[: len(prompt)] == prompt
+
+
+def test_reward_model_completions_end_at_the_eos(hf_folders, tmp_path):
+    """The RM loader (and the demonstrations it normalizes on) cut a template's text after the
+    assistant's EOS: the score is read where PPO reads it, at the EOS a sampled response ends
+    with. Without text after the EOS the completion is the whole rendering."""
+    from megarlhf.data.chat import through_last_trained
+    from megarlhf.data.rankings import load_ranking_dataset
+
+    row = {"prompt": "hello", "chosen": "world", "rejected": "the user"}
+    path = tmp_path / "rm.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    for name, tail in (("chatml", "<|im_end|>\n"), ("plain", "</s>")):
+        t = hf_folders[name]
+        (sample,) = load_ranking_dataset([str(path)], t, 64, "auto", 2).samples
+        for ids, response in zip(sample.completions, ("world", "the user"), strict=True):
+            full = t.tokenize_pair("hello", response)
+            assert t.decode(full.ids).endswith(response + tail)
+            assert list(ids) == through_last_trained(full.ids, full.trained)
+            assert ids[-1] == t.eos_id and t.decode(list(ids)).endswith(response + tail.strip())
+            assert len(ids) == len(full.ids) - (name == "chatml")
 
 
 def test_hf_template_without_eos_gets_eos_appended(hf_folders):
