@@ -37,6 +37,11 @@ class OptimConfig:
     eps: float = 1e-8
     # Clip the global gradient norm (over every TP x PP x DP shard) to this value; 0 disables.
     clip_grad: float = 1.0
+    # A scalar head's (reward model, critic) learning rate as a multiple of lr, through the same
+    # warmup and decay. A fresh head on a pretrained trunk starts at zero signal: at a trunk's
+    # fine-tuning rate (1e-5..1e-4) Adam moves each head weight by at most lr per step, too
+    # little for the score to spread in the few hundred steps of an RM run. 1: one rate for all.
+    head_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         check_choice(self.impl, OPTIMIZER_IMPLS, "impl")
@@ -48,6 +53,7 @@ class OptimConfig:
             check(0 <= getattr(self, k) < 1, k, f"must be in [0, 1), got {getattr(self, k)}")
         check(self.eps > 0, "eps", "must be > 0")
         check(self.clip_grad >= 0, "clip_grad", "must be >= 0 (0 disables clipping)")
+        check(self.head_lr_scale > 0, "head_lr_scale", f"must be > 0, got {self.head_lr_scale}")
 
 
 @dataclass

@@ -12,9 +12,10 @@ from megarlhf.config.optim import OptimConfig
 logger = logging.getLogger(__name__)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups of the trainable parameters: matrices decay, vectors (biases, norm
-    weights) do not.
+def param_groups(model: nn.Module, weight_decay: float, head_lr: float | None = None) -> list[dict]:
+    """AdamW groups of the trainable parameters: matrices decay, vectors (biases, norm weights)
+    do not; with `head_lr`, a scalar head's parameters (`head.*` of a `head: scalar` model) form
+    their own groups at that learning rate (the scheduler scales every group's rate alike).
 
     Only parameters with requires_grad enter: under LoRA (model.lora.rank > 0) the frozen base is
     never handed to the optimizer, so neither Adam nor DeepSpeed (ZeRO partitions, fp32 master
@@ -24,15 +25,24 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     Embedding matrices decay too (Megatron's default); their zero padding rows stay zero because
     decoupled decay and Adam both leave a zero parameter with zero gradient at zero.
     """
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    cfg = getattr(model, "cfg", None)
+    split_head = head_lr is not None and getattr(cfg, "head", None) == "scalar"
+    buckets: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    if not decay and not no_decay:
+            is_head = split_head and name.startswith("head.")
+            buckets.setdefault((is_head, p.dim() >= 2), []).append(p)
+    if not buckets:
         raise ValueError("param_groups: the model has no trainable parameter")
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    groups = []
+    for is_head in (False, True):
+        for decays in (True, False):
+            params = buckets.get((is_head, decays))
+            if params or (not is_head and decays):
+                group = {"params": params or [], "weight_decay": weight_decay if decays else 0.0}
+                if is_head:
+                    group["lr"] = head_lr
+                groups.append(group)
     return groups
 
 

@@ -248,7 +248,9 @@ class DeepSpeedModel:
         if self.zero_stage == 3 and mcfg.tie_embeddings and model.post_process:
             # The output layer reads the embedding weight outside its owning module's forward.
             ds.zero.register_external_parameter(model, model.embedding.word.weight)
-        optimizer = build_optimizer(param_groups(model, optim.weight_decay), optim, mcfg.dtype)
+        head_lr = optim.lr * optim.head_lr_scale if optim.head_lr_scale != 1.0 else None
+        groups = param_groups(model, optim.weight_decay, head_lr=head_lr)
+        optimizer = build_optimizer(groups, optim, mcfg.dtype)
         scheduler = build_scheduler(optimizer, optim, total_steps)
         self.mpu = DeepSpeedMPU(ps)
         config = deepspeed_config(
