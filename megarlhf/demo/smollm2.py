@@ -45,6 +45,7 @@ from megarlhf.checkpoint.model_shards import (
     save_model_shard,
 )
 from megarlhf.config import GenerationConfig
+from megarlhf.data.chat import through_last_trained
 from megarlhf.data.tokenizer import load_tokenizer
 from megarlhf.demo import corpus, repro
 from megarlhf.demo import report as demo_report
@@ -241,13 +242,13 @@ def _text_rows(tok, path: Path) -> list[list[int]]:
 def rm_accuracy(out: Path, tok, rm) -> dict:
     """RM pair accuracy on the held-out comparisons under each labeler (strict pairs only),
     each completion scored at its EOS (<|im_end|>): where PPO reads the reward, and where RM
-    training scores (the ranking loader cuts the template's newline after it)."""
+    training scores (the same cut as the ranking loader's: `chat.through_last_trained`)."""
     groups = read_jsonl(out / "data" / "comparisons_eval.jsonl")
     scores = []
     for g in groups:
         p = tok.tokenize_pair(g["prompt"], None, "auto").ids
-        full = [tok.tokenize_pair(g["prompt"], r, "auto").ids[len(p) :] for r in g["responses"]]
-        cut = [f[: f.index(tok.eos_id) + 1] if tok.eos_id in f else f for f in full]
+        pairs = [tok.tokenize_pair(g["prompt"], r, "auto") for r in g["responses"]]
+        cut = [through_last_trained(c.ids, c.trained)[len(p) :] for c in pairs]
         scores.append(reward_scores(rm, [p] * len(cut), cut))
     res = {}
     for key, lab in (
