@@ -187,12 +187,15 @@ class SmolLM2Demo:
 
     def _ppo(self, run: str, ptx_coef: float) -> None:
         d, c = self.data, self.cfg
+        n = c.ppo_rollouts
+        batch = [f"ppo.rollout_batch_size={n}", f"ppo.micro_batch_size={n}"] if n else []
         self._train(
             "train_ppo.py", "ppo.yaml", run,
             f"data.prompt_files=[{d / 'ppo_prompts.jsonl'}]", f"data.ptx_files=[{d / 'ptx.txt'}]",
             f"ppo.reward_model={resolve_checkpoint_dir(self.out / 'rm')}",
             f"ppo.max_steps={c.ppo_steps}", f"ppo.ptx_coef={ptx_coef}",
             f"generation.max_new_tokens={c.max_new_tokens}",
+            *batch, *(["ppo.num_minibatches=1"] if n else []),
             init="sft",
         )  # fmt: skip
 
@@ -204,10 +207,13 @@ class SmolLM2Demo:
 
     def stage_dpo(self) -> None:
         """DPO from SFT on the reward model's training comparisons (no RM, no sampling)."""
+        n = self.cfg.dpo_prompts
         self._train(
             "train_dpo.py", "dpo.yaml", "dpo",
             f"data.train_files=[{self.data / 'rm_train.jsonl'}]",
-            f"dpo.max_steps={self.cfg.dpo_steps}", init="sft",
+            f"dpo.max_steps={self.cfg.dpo_steps}",
+            *([f"dpo.global_batch_size={n}", f"dpo.micro_batch_size={n}"] if n else []),
+            init="sft",
         )  # fmt: skip
 
     def stage_evaluate(self) -> None:

@@ -155,10 +155,15 @@ def write_model_shard_files(
     return files
 
 
-def _write_model(tmp: Path, model: DeepSpeedModel, weights: dict, ps: ParallelState) -> list[Path]:
-    """DeepSpeed's state of `model` plus its portable weight shards; returns this rank's files."""
-    model.save_state(tmp)
-    files = _deepspeed_files(tmp, ps, model.mpu.get_model_parallel_rank())
+def _write_model(
+    tmp: Path, model: DeepSpeedModel, weights: dict, ps: ParallelState, model_only: bool
+) -> list[Path]:
+    """DeepSpeed's state of `model` (unless `model_only`) plus its portable weight shards;
+    returns this rank's files."""
+    files = []
+    if not model_only:
+        model.save_state(tmp)
+        files = _deepspeed_files(tmp, ps, model.mpu.get_model_parallel_rank())
     base = _lora_base(model)
     return files + write_model_shard_files(tmp, weights, model.module.cfg, ps, base)
 
@@ -191,13 +196,17 @@ def _optimizer_bytes(model: DeepSpeedModel, ps: ParallelState) -> int:
     return total
 
 
-def expected_bytes(models: dict, weights: dict, extra: dict, ps: ParallelState) -> int:
+def expected_bytes(
+    models: dict, weights: dict, extra: dict, ps: ParallelState, model_only: bool = False
+) -> int:
     """Estimated size of a whole checkpoint (every rank's files), from the tensors about to be
     written: each (tp, pp) rank's weights twice (the safetensors shard and DeepSpeed's module
-    copy) plus the optimizer state. Collective over the world (a sum)."""
-    local = sum(_optimizer_bytes(m, ps) for m in models.values())
+    copy) plus the optimizer state; with `model_only`, the shards alone. Collective over the
+    world (a sum)."""
+    local = 0 if model_only else sum(_optimizer_bytes(m, ps) for m in models.values())
     if ps.dp_rank == 0:
-        local += 2 * sum(_tensor_bytes(w.values()) for w in weights.values())
+        copies = 1 if model_only else 2
+        local += copies * sum(_tensor_bytes(w.values()) for w in weights.values())
         local += sum(_tensor_bytes(w.values()) for w in extra.values())
     total = torch.tensor([local], dtype=torch.int64)
     if dist.is_initialized() and ps.world_size > 1:
@@ -231,6 +240,7 @@ def save_checkpoint(
     stage: str,
     extra_weights: dict[str, dict] | None = None,
     before_commit: Callable[[int], None] | None = None,
+    model_only: bool = False,
 ) -> Path:
     """Write `<root>/step_{counters["step"]}` atomically. Collective over the world.
 
@@ -250,6 +260,8 @@ def save_checkpoint(
             written as model shards under step_N/<subdir>/model/.
         before_commit: test hook called with the step after this rank wrote its files and before
             the commit barrier (a fault injected here leaves a torn temp directory).
+        model_only: leave out DeepSpeed's state (`checkpoint.save_only_model`; recorded in the
+            manifest's meta, and resuming refuses it).
     Returns:
         the committed directory.
     Raises:
@@ -269,7 +281,7 @@ def save_checkpoint(
     def write(tmp: Path) -> list[Path]:
         files = []
         for sub, m in models.items():
-            files += _write_model(tmp / sub if sub else tmp, m, weights[sub], ps)
+            files += _write_model(tmp / sub if sub else tmp, m, weights[sub], ps, model_only)
         for sub, w in (extra_weights or {}).items():
             files += write_model_shard_files(tmp / sub, w, main.module.cfg, ps, _lora_base(main))
         state = {"counters": dict(counters), **loop_state}
@@ -282,8 +294,8 @@ def save_checkpoint(
             before_commit(step)
         return files
 
-    meta = {**layout, "step": step, "stage": stage}
-    expected = expected_bytes(models, weights, extra_weights or {}, ps)
+    meta = {**layout, "step": step, "stage": stage, **({"model_only": True} if model_only else {})}
+    expected = expected_bytes(models, weights, extra_weights or {}, ps, model_only)
     return atomic.save_checkpoint(
         root,
         step,
@@ -324,8 +336,16 @@ def find_resume_checkpoint(root: Path, mode: str) -> Path | None:
 
 
 def check_resume_layout(ckpt: Path, ps: ParallelState, zero_stage: int) -> None:
-    """Refuse a checkpoint written by another layout, before any collective load."""
+    """Refuse a checkpoint written by another layout, or without optimizer state, before any
+    collective load."""
     meta = atomic.read_manifest(ckpt)["meta"]
+    if meta.get("model_only"):
+        raise ResumeError(
+            f"{ckpt} was saved with checkpoint.save_only_model=true: it holds the weights but no "
+            "optimizer state, so it cannot be resumed. Start a new run from its weights with "
+            f"checkpoint.init_from={ckpt} (and another --output-dir), or train with "
+            "checkpoint.save_only_model=false to keep resumable checkpoints"
+        )
     want = layout_meta(ps, zero_stage)
     if (meta.get("tp"), meta.get("pp")) != (want["tp"], want["pp"]):
         raise ResumeError(

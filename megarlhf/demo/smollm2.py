@@ -90,8 +90,11 @@ class SmolLM2DemoConfig:
     ppo_prompts: int = 320
     ppo_steps: int = 20
     ptx_coef: float = 0.02
-    # DPO on the RM's training comparisons: optimizer steps (8 prompts each).
+    # Rollouts per PPO step, updated in one minibatch; 0: ppo.yaml's (16, in two minibatches).
+    ppo_rollouts: int = 0
+    # DPO on the RM's training comparisons: optimizer steps, prompts per step (0: dpo.yaml's 8).
     dpo_steps: int = 3
+    dpo_prompts: int = 0
     # Evaluation: held-out prompts (one sample per prompt and policy), held-out text rows for
     # perplexity, the response length everywhere, samples shown in report.md.
     eval_prompts: int = 200
@@ -134,7 +137,9 @@ class SmolLM2DemoConfig:
             rm_normalize_demos=8,
             ppo_prompts=16,
             ppo_steps=1,
+            ppo_rollouts=4,
             dpo_steps=1,
+            dpo_prompts=4,
             eval_prompts=8,
             eval_text_rows=16,
             max_new_tokens=8,

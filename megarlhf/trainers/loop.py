@@ -336,6 +336,7 @@ class SingleModelTrainer(TrainLoop):
             keep_last=self.cfg.checkpoint.keep_last,
             stage=self.stage,
             before_commit=self.hooks.before_checkpoint_commit,
+            model_only=self.cfg.checkpoint.save_only_model,
         )
 
     def progress_fields(self, rec: dict) -> dict:

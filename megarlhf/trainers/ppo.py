@@ -327,6 +327,7 @@ class PPOTrainer(TrainLoop):
             stage="ppo",
             extra_weights={"ema": self.ema.state_dict()} if self.ema is not None else None,
             before_commit=self.hooks.before_checkpoint_commit,
+            model_only=self.cfg.checkpoint.save_only_model,
         )
 
     # ----------------------------------------------------------------------------- one step

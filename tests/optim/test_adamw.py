@@ -78,3 +78,20 @@ def test_deepspeed_cpu_adam_matches_the_loop():
     got, want = _run("cpu_adam")
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a.detach().double(), b, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_info_is_queried_once_per_process():
+    """cpu_adam's builder asks py-cpuinfo for its flags three times per optimizer (a subprocess
+    each); after `_query_cpu_once` it answers from the first query, the same answer."""
+    import cpuinfo
+
+    from megarlhf.optim.adamw import _query_cpu_once
+
+    _query_cpu_once()
+    _query_cpu_once()  # idempotent: not wrapped twice
+    fresh = cpuinfo.get_cpu_info.__wrapped__()
+    assert not hasattr(cpuinfo.get_cpu_info.__wrapped__, "cache_info")
+    first = cpuinfo.get_cpu_info()
+    misses = cpuinfo.get_cpu_info.cache_info().misses
+    assert cpuinfo.get_cpu_info() is first and cpuinfo.get_cpu_info.cache_info().misses == misses
+    assert (first["arch"], first["flags"]) == (fresh["arch"], fresh["flags"])

@@ -196,3 +196,23 @@ def test_torn_checkpoint_is_never_loaded(plain_ref, tmp_path):
     resumed = check(train(tmp_path, RUN))
     assert "step_000003" in resumed.stderr
     assert_bitwise_equal(final_weights(tmp_path), final_weights(plain_ref))
+
+
+def test_save_only_model_writes_the_weights_and_refuses_resume(plain_ref, tmp_path):
+    """checkpoint.save_only_model: the same training (weights bitwise those of the reference
+    run), checkpoints without DeepSpeed's state (no optimizer moments, no module copy), recorded
+    in the manifest; launching the run again refuses to resume from one, naming the key."""
+    overrides = RUN + ["checkpoint.save_only_model=true"]
+    check(train(tmp_path, overrides))
+    assert_bitwise_equal(final_weights(tmp_path), final_weights(plain_ref))
+    root = tmp_path / "checkpoints"
+    assert [s for s, _ in atomic.list_checkpoints(root)] == [9, 12]
+    latest, full = atomic.find_latest(root), atomic.find_latest(plain_ref / "checkpoints")
+    assert atomic.read_manifest(latest)["meta"]["model_only"] is True
+    assert "model_only" not in atomic.read_manifest(full)["meta"]
+    assert (full / "deepspeed").is_dir() and not (latest / "deepspeed").exists()
+    assert atomic.incomplete_reason(latest) is None  # a complete, checksummed checkpoint
+    again = train(tmp_path, overrides)
+    assert again.returncode == 2, again.stderr[-2000:]
+    assert "saved with checkpoint.save_only_model=true" in again.stderr
+    assert f"checkpoint.init_from={latest}" in again.stderr
