@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -117,6 +118,11 @@ class SmolLM2Demo:
             raise StageFailed(f"stage failed (exit {res.returncode}): {' '.join(cmd)}\n{tail}")
 
     def _train(self, tool: str, config: str, run: str, *overrides: str, init: str) -> None:
+        """Train `run` from scratch: a folder left by an unfinished attempt of this stage goes
+        first. Its checkpoints are weights only (`checkpoint.save_only_model`), which resuming
+        refuses, and with `save_every: 0` the only one is the final save, so an attempt killed
+        after it (before the stage was marked done) would otherwise stop the rerun."""
+        shutil.rmtree(self.out / run, ignore_errors=True)
         args = ["--config", CONFIGS / config, "--output-dir", self.out / run]
         args += ["--init-from", resolve_checkpoint_dir(self.out / init)]
         self._tool(tool, *args, f"data.tokenizer={self.tokenizer}", *overrides)

@@ -97,3 +97,22 @@ def test_export_round_trip_is_token_identical(tiny_run):
     check = json.loads((ex / "check.json").read_text())
     assert check["transformers_loads"] and check["identical_fp32"]
     assert check["fp32"]["identical"] == check["prompts"] == 3
+
+
+def test_an_unfinished_stage_starts_again_from_scratch(tmp_path, monkeypatch):
+    """A training stage not marked done runs its tool on an empty folder: what an earlier attempt
+    left (here a weights-only final checkpoint, which resuming would refuse) is removed first."""
+    from megarlhf.demo.smollm2 import SmolLM2DemoConfig
+    from tools import demo_smollm2
+
+    monkeypatch.setattr(demo_smollm2, "resolve_checkpoint_dir", lambda run: run / "checkpoints")
+    demo = demo_smollm2.SmolLM2Demo(SmolLM2DemoConfig.tiny(), tmp_path, quiet=True)
+    left = tmp_path / "rm" / "checkpoints" / "step_000001"
+    left.mkdir(parents=True)
+    seen = []
+    demo._tool = lambda name, *args: seen.append((name, (tmp_path / "rm").exists(), args))
+    demo.stage_rm()
+    ((name, existed, args),) = seen
+    assert name == "train_rm.py" and not existed
+    assert args[args.index("--output-dir") + 1] == tmp_path / "rm"
+    assert args[args.index("--init-from") + 1] == tmp_path / "sft" / "checkpoints"
